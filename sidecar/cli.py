@@ -1,0 +1,132 @@
+"""Command line: ``sidecar run | demo | check`` (and ``inject`` / ``webhook`` for Kubernetes)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from sidecar import __version__, config, logs
+from sidecar.errors import ConfigError
+
+log = logging.getLogger("sidecar")
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", "-c", help=f"config file (default: ${config.ENV_CONFIG})", default=None
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sidecar",
+        description="Trade the pod's SPIFFE identity for DPoP-bound OAuth tokens and inject them "
+        "into the legacy app's outbound HTTP requests.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the sidecar")
+    _config_arg(run)
+    run.add_argument(
+        "--grace",
+        type=float,
+        default=20.0,
+        help="seconds to finish in-flight requests on SIGTERM (default 20)",
+    )
+    run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="run the sidecar end to end on the embedded dev stack")
+    demo.add_argument(
+        "--serve",
+        action="store_true",
+        help="keep the stack up and print commands to try it by hand",
+    )
+    demo.set_defaults(func=cmd_demo)
+
+    check = sub.add_parser("check", help="validate a config file and summarise its routes")
+    _config_arg(check)
+    check.set_defaults(func=cmd_check)
+
+    with contextlib.suppress(ImportError):
+        from sidecar.k8s.commands import register
+
+        register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+def _install_uvloop() -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        cfg = config.load(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    logs.configure(cfg.log_level, cfg.log_format)
+    _install_uvloop()
+    return asyncio.run(_serve(cfg, args.grace))
+
+
+async def _serve(cfg: config.Config, grace: float) -> int:
+    from sidecar.runtime import Sidecar
+
+    sidecar = Sidecar(cfg, grace=grace)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await sidecar.start()
+    except OSError as exc:
+        log.error("cannot start", extra={"error": str(exc)})
+        return 1
+    await stop.wait()
+    await sidecar.stop()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sidecar.devstack.demo import run_demo
+
+    _install_uvloop()
+    code: int = asyncio.run(run_demo(serve=args.serve))
+    return code
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        cfg = config.load(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    print(f"config OK: {cfg.source}")
+    print(f"  listen {cfg.listen}, admin {cfg.admin}, SPIFFE socket {cfg.spiffe_socket}")
+    for dest in cfg.destinations:
+        server = cfg.authorization_servers[dest.authorization_server]
+        print(
+            f"  route {dest.name}: {dest.host} -> {dest.upstream or 'https://' + dest.host} "
+            f"via {server.name} ({server.grant}, {server.client_auth}, {dest.token_type})"
+        )
+        for rule in dest.rules:
+            methods = ",".join(sorted(rule.methods)) or "*"
+            print(f"    {methods} {' '.join(rule.paths)} -> {' '.join(rule.scopes)}")
+        if dest.default_scopes is not None:
+            print(f"    default -> {' '.join(dest.default_scopes) or '(no scope)'}")
+    return 0

@@ -1,0 +1,514 @@
+"""Configuration: frozen data, loaded and validated once.
+
+:func:`load` reads YAML, :func:`parse` validates a plain document and returns a :class:`Config`
+or raises :class:`~sidecar.errors.ConfigError` listing *every* problem, each with its YAML path
+(``destinations[0].scopes.rules[1].methods: ...``). Nothing validates config on the request
+path: the runtime swaps whole ``Config`` objects atomically on reload. The schema is documented
+in ``config/README.md``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+
+from sidecar.errors import ConfigError
+
+ENV_CONFIG = "SIDECAR_CONFIG"
+ENV_SPIFFE_SOCKET = "SPIFFE_ENDPOINT_SOCKET"
+
+ClientAuth = Literal["jwt_svid", "jwt_bearer", "mtls", "client_secret", "none"]
+Grant = Literal["client_credentials", "token_exchange", "jwt_bearer"]
+TokenType = Literal["dpop", "bearer"]
+
+CLIENT_AUTHS: tuple[ClientAuth, ...] = ("jwt_svid", "jwt_bearer", "mtls", "client_secret", "none")
+GRANTS: tuple[Grant, ...] = ("client_credentials", "token_exchange", "jwt_bearer")
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
+_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 §3.3 scope-token
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+@dataclass(frozen=True)
+class AuthorizationServer:
+    name: str
+    issuer: str | None
+    token_endpoint: str | None
+    ca_file: Path | None
+    client_auth: ClientAuth
+    grant: Grant
+    dpop: bool
+    client_id: str | None  # None: the SPIFFE ID
+    svid_audience: str | None  # None: the issuer (or the token endpoint when no issuer)
+    timeout: float
+
+    @property
+    def jwt_svid_audience(self) -> str:
+        aud = self.svid_audience or self.issuer or self.token_endpoint
+        assert aud is not None  # guaranteed by validation: issuer or token_endpoint is set
+        return aud
+
+
+@dataclass(frozen=True)
+class ScopeRule:
+    methods: frozenset[str]  # empty: any method
+    paths: tuple[str, ...]  # globs: '*' one segment, '**' any depth
+    scopes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Destination:
+    name: str
+    host: str  # exact host, or '*.suffix'
+    upstream: str  # scheme://host[:port], no path; '' = https://<requested host>
+    authorization_server: str
+    resource: str | None
+    audience: str | None
+    token_type: TokenType
+    default_scopes: tuple[str, ...] | None  # None: requests matching no rule are refused
+    rules: tuple[ScopeRule, ...]
+    ca_file: Path | None
+    allow_private: bool
+    connect_timeout: float
+    read_timeout: float
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: Address
+    admin: Address | None
+    spiffe_socket: str
+    authorization_servers: Mapping[str, AuthorizationServer]
+    destinations: tuple[Destination, ...]
+    source: Path | None = None
+    log_level: str = "info"
+    log_format: Literal["json", "console"] = "json"
+    max_header_bytes: int = 16 * 1024
+    replay_buffer_bytes: int = 1024 * 1024
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation. A _Node wraps a YAML value with its path and a shared problem list, so every check
+# reports where it is and validation always runs to the end.
+
+T = TypeVar("T")
+
+
+class _Node:
+    def __init__(self, value: Any, path: str, problems: list[str]) -> None:
+        self.value = value
+        self.path = path
+        self.problems = problems
+
+    def problem(self, message: str, path: str | None = None) -> None:
+        self.problems.append(f"{path or self.path or '<root>'}: {message}")
+
+    def child(self, key: str | int) -> _Node:
+        path = f"{self.path}[{key}]" if isinstance(key, int) else _join(self.path, key)
+        value = self.value.get(key) if isinstance(self.value, dict) else None
+        if isinstance(key, int) and isinstance(self.value, list):
+            value = self.value[key]
+        return _Node(value, path, self.problems)
+
+    def mapping(self, allowed: set[str]) -> bool:
+        if not isinstance(self.value, dict):
+            self.problem(f"must be a mapping, got {_kind(self.value)}")
+            return False
+        for key in self.value:
+            if key not in allowed:
+                hint = ", ".join(sorted(allowed))
+                self.problem(f"unknown key {key!r} (allowed: {hint})", _join(self.path, str(key)))
+        return True
+
+    def items(self) -> Iterator[_Node]:
+        if not isinstance(self.value, list):
+            self.problem(f"must be a list, got {_kind(self.value)}")
+            return
+        for index in range(len(self.value)):
+            yield self.child(index)
+
+    def get(
+        self, key: str, kind: type[T], default: T | None = None, *, required: bool = False
+    ) -> T | None:
+        node = self.child(key)
+        if node.value is None:
+            if required:
+                node.problem("is required")
+            return default
+        # YAML booleans are ints in Python; keep the two apart.
+        if not isinstance(node.value, kind) or (kind is int and isinstance(node.value, bool)):
+            if kind is float and isinstance(node.value, int) and not isinstance(node.value, bool):
+                return float(node.value)  # type: ignore[return-value]
+            node.problem(f"must be {kind.__name__}, got {_kind(node.value)}")
+            return default
+        return node.value
+
+    def choice(self, key: str, options: tuple[str, ...], default: str) -> str:
+        value = self.get(key, str, default)
+        assert value is not None
+        if value not in options:
+            self.child(key).problem(f"must be one of {', '.join(options)}; got {value!r}")
+            return default
+        return value
+
+    def check(self, key: str, validator: Callable[[str], str | None]) -> str | None:
+        value = self.get(key, str)
+        if value is not None and (message := validator(value)):
+            self.child(key).problem(message)
+            return None
+        return value
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _kind(value: object) -> str:
+    return "nothing" if value is None else type(value).__name__
+
+
+def _https_url(value: str, *, allow_path: bool = True) -> str | None:
+    parts = urlsplit(value)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        return "must be an absolute http(s) URL"
+    if parts.fragment or parts.query:
+        return "must not have a query or fragment"
+    if parts.username or parts.password:
+        return "must not contain credentials"
+    if not allow_path and parts.path not in ("", "/"):
+        return "must be an origin (scheme://host[:port]) without a path"
+    return None
+
+
+def _absolute_uri(value: str) -> str | None:
+    # RFC 8707 §2: an absolute URI without a fragment.
+    parts = urlsplit(value)
+    if not parts.scheme or "#" in value:
+        return "must be an absolute URI without a fragment (RFC 8707)"
+    return None
+
+
+def _host_pattern(value: str) -> str | None:
+    host = value[2:] if value.startswith("*.") else value
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return None if not value.startswith("*.") else "a wildcard cannot apply to an IP address"
+    except ValueError:
+        pass
+    labels = host.split(".")
+    if not all(_HOST_LABEL.match(label) for label in labels):
+        return "must be a lower-case host name (or '*.' followed by one), without port or scheme"
+    return None
+
+
+def _address(node: _Node, key: str, default: str | None) -> Address | None:
+    text = node.get(key, str, default)
+    if text is None:
+        return None
+    host, sep, port_text = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        node.child(key).problem(f"must be host:port, got {text!r}")
+        return None
+    return Address(host, int(port_text))
+
+
+def _scopes(node: _Node) -> tuple[str, ...]:
+    scopes: list[str] = []
+    for item in node.items():
+        if not isinstance(item.value, str) or not _SCOPE_TOKEN.match(item.value):
+            item.problem("must be a scope token (printable, no spaces or quotes)")
+        else:
+            scopes.append(item.value)
+    return tuple(sorted(set(scopes)))
+
+
+def _glob(node: _Node) -> str | None:
+    value = node.value
+    if not isinstance(value, str) or not value.startswith("/"):
+        node.problem("must be a path glob starting with '/'")
+        return None
+    for segment in value.split("/"):
+        if "*" in segment and segment not in ("*", "**"):
+            node.problem("'*' and '**' must stand for a whole path segment")
+            return None
+    return value
+
+
+def _rule(node: _Node) -> ScopeRule | None:
+    if not node.mapping({"methods", "paths", "scopes"}):
+        return None
+    methods: set[str] = set()
+    if node.child("methods").value is not None:
+        for item in node.child("methods").items():
+            method = item.value.upper() if isinstance(item.value, str) else None
+            if method not in HTTP_METHODS:
+                item.problem(f"must be an HTTP method ({', '.join(sorted(HTTP_METHODS))})")
+            else:
+                methods.add(method)
+    paths = tuple(p for p in map(_glob, node.child("paths").items()) if p)
+    if node.child("paths").value is None:
+        node.child("paths").problem("is required (use ['/**'] for every path)")
+    if node.child("scopes").value is None:
+        node.child("scopes").problem("is required")
+    return ScopeRule(frozenset(methods), paths, _scopes(node.child("scopes")))
+
+
+def _authorization_server(name: str, node: _Node, base: Path) -> AuthorizationServer | None:
+    keys = {
+        "issuer",
+        "token_endpoint",
+        "ca_file",
+        "client_auth",
+        "grant",
+        "dpop",
+        "client_id",
+        "svid_audience",
+        "timeout",
+    }
+    if not node.mapping(keys):
+        return None
+    issuer = node.check("issuer", _https_url)
+    token_endpoint = node.check("token_endpoint", _https_url)
+    if (
+        issuer is None
+        and token_endpoint is None
+        and not any(
+            p.startswith((f"{node.path}.issuer", f"{node.path}.token_endpoint"))
+            for p in node.problems
+        )
+    ):
+        node.problem("needs an issuer (for discovery) or a token_endpoint")
+    return AuthorizationServer(
+        name=name,
+        issuer=issuer.rstrip("/") if issuer and urlsplit(issuer).path == "/" else issuer,
+        token_endpoint=token_endpoint,
+        ca_file=_file(node, "ca_file", base),
+        client_auth=node.choice("client_auth", CLIENT_AUTHS, "jwt_svid"),  # type: ignore[arg-type]
+        grant=node.choice("grant", GRANTS, "client_credentials"),  # type: ignore[arg-type]
+        dpop=bool(node.get("dpop", bool, True)),
+        client_id=node.get("client_id", str),
+        svid_audience=node.get("svid_audience", str),
+        timeout=_positive(node, "timeout", 10.0),
+    )
+
+
+def _positive(node: _Node, key: str, default: float) -> float:
+    value = node.get(key, float, default)
+    assert value is not None
+    if value <= 0:
+        node.child(key).problem("must be a positive number of seconds")
+        return default
+    return value
+
+
+def _file(node: _Node, key: str, base: Path) -> Path | None:
+    text = node.get(key, str)
+    return None if text is None else (base / text).resolve()
+
+
+def _destination(node: _Node, servers: Mapping[str, object], base: Path) -> Destination | None:
+    keys = {
+        "name",
+        "host",
+        "upstream",
+        "authorization_server",
+        "resource",
+        "audience",
+        "token_type",
+        "scopes",
+        "ca_file",
+        "allow_private",
+        "connect_timeout",
+        "read_timeout",
+    }
+    if not node.mapping(keys):
+        return None
+    host = node.check("host", _host_pattern)
+    if node.child("host").value is None:
+        node.child("host").problem("is required")
+    upstream = node.check("upstream", lambda v: _https_url(v, allow_path=False))
+    as_name = node.get("authorization_server", str, required=True)
+    if as_name is not None and as_name not in servers:
+        known = ", ".join(sorted(servers)) or "none defined"
+        node.child("authorization_server").problem(
+            f"unknown authorization server {as_name!r} ({known})"
+        )
+    scopes = node.child("scopes")
+    default: tuple[str, ...] | None = None
+    rules: tuple[ScopeRule, ...] = ()
+    if scopes.value is not None and scopes.mapping({"default", "rules"}):
+        if scopes.child("default").value is not None:
+            default = _scopes(scopes.child("default"))
+        if scopes.child("rules").value is not None:
+            rules = tuple(r for r in map(_rule, scopes.child("rules").items()) if r)
+    return Destination(
+        name=node.get("name", str) or host or "?",
+        host=(host or "").lower(),
+        upstream=(upstream or "").rstrip("/"),
+        authorization_server=as_name or "",
+        resource=node.check("resource", _absolute_uri),
+        audience=node.get("audience", str),
+        token_type=node.choice("token_type", ("dpop", "bearer"), "dpop"),  # type: ignore[arg-type]
+        default_scopes=default,
+        rules=rules,
+        ca_file=_file(node, "ca_file", base),
+        allow_private=bool(node.get("allow_private", bool, False)),
+        connect_timeout=_positive(node, "connect_timeout", 5.0),
+        read_timeout=_positive(node, "read_timeout", 60.0),
+    )
+
+
+def parse(
+    doc: object, *, source: Path | None = None, env: Mapping[str, str] | None = None
+) -> Config:
+    """Validate a config document; raise ConfigError with every problem found."""
+    env = os.environ if env is None else env
+    base = source.parent if source else Path.cwd()
+    return _parse(_Node(doc, "", []), source, env, base)
+
+
+def _parse(root: _Node, source: Path | None, env: Mapping[str, str], base: Path) -> Config:
+    problems = root.problems
+    if not root.mapping(
+        {
+            "listen",
+            "admin",
+            "allow_non_loopback",
+            "allow_non_loopback_admin",
+            "spiffe",
+            "unmatched",
+            "authorization_servers",
+            "destinations",
+            "log",
+            "limits",
+        }
+    ):
+        raise ConfigError(problems)
+    listen = _address(root, "listen", "127.0.0.1:15001")
+    admin = _address(root, "admin", "127.0.0.1:15000")
+    for key, addr, flag in (
+        ("listen", listen, "allow_non_loopback"),
+        ("admin", admin, "allow_non_loopback_admin"),
+    ):
+        if addr and not addr.is_loopback and not root.get(flag, bool, False):
+            root.child(key).problem(
+                f"{addr} is not a loopback address; the proxy would be reachable from outside "
+                f"the pod. Set {flag}: true if that is really intended"
+            )
+    if root.get("unmatched", str, "deny") != "deny":
+        root.child("unmatched").problem(
+            "only 'deny' is supported: unknown destinations are refused"
+        )
+
+    spiffe = root.child("spiffe")
+    socket = env.get(ENV_SPIFFE_SOCKET, "")
+    if spiffe.value is not None and spiffe.mapping({"socket"}):
+        socket = spiffe.get("socket", str, socket) or socket
+    if not socket:
+        spiffe.problem(f"needs socket (or set ${ENV_SPIFFE_SOCKET})", "spiffe.socket")
+    elif not socket.startswith(("unix:///", "unix:/")):
+        spiffe.problem("must be a unix socket address: unix:///absolute/path", "spiffe.socket")
+
+    servers: dict[str, AuthorizationServer] = {}
+    as_node = root.child("authorization_servers")
+    if as_node.value is None:
+        as_node.problem("is required: name at least one authorization server")
+    elif as_node.mapping(set(as_node.value) if isinstance(as_node.value, dict) else set()):
+        for name in as_node.value:
+            parsed = _authorization_server(str(name), as_node.child(str(name)), base)
+            if parsed:
+                servers[str(name)] = parsed
+
+    destinations: list[Destination] = []
+    seen: dict[str, str] = {}
+    dest_node = root.child("destinations")
+    if dest_node.value is None:
+        dest_node.problem("is required: list the hosts the app may reach")
+    for item in dest_node.items():
+        dest = _destination(item, servers, base)
+        if dest is None:
+            continue
+        if dest.host and dest.host in seen:
+            item.child("host").problem(f"{dest.host!r} is already routed by {seen[dest.host]}")
+        seen.setdefault(dest.host, item.path)
+        destinations.append(dest)
+    names = [d.name for d in destinations]
+    for index, name in enumerate(names):
+        if names.index(name) != index:
+            dest_node.problem(f"route name {name!r} is used twice", f"destinations[{index}].name")
+
+    log = root.child("log")
+    level, fmt = "info", "json"
+    if log.value is not None and log.mapping({"level", "format"}):
+        level = log.choice("level", ("debug", "info", "warning", "error"), "info")
+        fmt = log.choice("format", ("json", "console"), "json")
+    limits = root.child("limits")
+    max_header, replay = 16 * 1024, 1024 * 1024
+    if limits.value is not None and limits.mapping({"max_header_bytes", "replay_buffer_bytes"}):
+        max_header = int(_positive(limits, "max_header_bytes", max_header))
+        replay = int(_positive(limits, "replay_buffer_bytes", replay))
+
+    if problems:
+        raise ConfigError(problems)
+    assert listen is not None
+    return Config(
+        listen=listen,
+        admin=admin,
+        spiffe_socket=socket,
+        authorization_servers=servers,
+        destinations=tuple(destinations),
+        source=source,
+        log_level=level,
+        log_format=fmt,  # type: ignore[arg-type]
+        max_header_bytes=max_header,
+        replay_buffer_bytes=replay,
+    )
+
+
+def load(path: Path | str | None = None, *, env: Mapping[str, str] | None = None) -> Config:
+    """Load and validate the config file (``--config``, else ``$SIDECAR_CONFIG``)."""
+    env = os.environ if env is None else env
+    chosen = path or env.get(ENV_CONFIG)
+    if not chosen:
+        raise ConfigError([f"no config file: pass --config or set ${ENV_CONFIG}"])
+    file = Path(chosen)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{file}: cannot read ({exc.strerror})"]) from exc
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(
+            [f"{file}:{where} not valid YAML ({getattr(exc, 'problem', exc)})"]
+        ) from exc
+    return parse(doc, source=file.resolve(), env=env)

@@ -1,0 +1,64 @@
+"""The credential broker: what the data path asks for a request's Authorization.
+
+identity -> token cache -> token client -> dpop, behind two calls: :meth:`Credentials.token`
+(cached, refreshed ahead, single-flight) and :meth:`Credentials.headers` (a fresh proof per
+request).
+"""
+
+from __future__ import annotations
+
+from sidecar.credentials.dpop import DpopKey, NonceStore
+from sidecar.credentials.identity import WorkloadIdentity
+from sidecar.credentials.token_cache import TokenCache
+from sidecar.credentials.token_client import AccessToken, TokenClient, TokenKey
+from sidecar.routing import Route
+
+
+class Credentials:
+    def __init__(
+        self,
+        identity: WorkloadIdentity,
+        client: TokenClient,
+        cache: TokenCache,
+        dpop_key: DpopKey,
+        nonces: NonceStore,
+    ) -> None:
+        self.identity = identity
+        self.client = client
+        self.cache = cache
+        self.dpop_key = dpop_key
+        self.nonces = nonces
+
+    async def key_for(self, route: Route, scopes: tuple[str, ...]) -> TokenKey:
+        server = route.server
+        client_id = server.client_id or self.identity.spiffe_id
+        if client_id is None:  # first request before the SVID was seen: learn our SPIFFE ID
+            client_id = (await self.identity.jwt_svid(server.jwt_svid_audience)).spiffe_id
+        dest = route.destination
+        return TokenKey(
+            server=server.name,
+            client_id=client_id,
+            grant=server.grant,
+            resource=dest.resource,
+            audience=dest.audience,
+            scopes=scopes,
+            jkt=self.dpop_key.thumbprint if dest.token_type == "dpop" else None,
+        )
+
+    async def token(self, route: Route, scopes: tuple[str, ...]) -> tuple[TokenKey, AccessToken]:
+        key = await self.key_for(route, scopes)
+        token = await self.cache.get(key, lambda k: self.client.fetch(route.server, k, route.name))
+        return key, token
+
+    def evict(self, key: TokenKey, token: AccessToken) -> None:
+        self.cache.evict(key, token)
+
+    def headers(
+        self, token: AccessToken, method: str, htu: str, origin: str
+    ) -> list[tuple[str, str]]:
+        """``Authorization`` (and ``DPoP``, RFC 9449 §7.1) for one request to ``htu``."""
+        value = token.value.reveal()
+        if token.token_type == "Bearer":
+            return [("Authorization", f"Bearer {value}")]
+        proof = self.dpop_key.proof(method, htu, access_token=value, nonce=self.nonces.get(origin))
+        return [("Authorization", f"DPoP {value}"), ("DPoP", proof)]

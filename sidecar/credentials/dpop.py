@@ -1,0 +1,132 @@
+"""DPoP (RFC 9449): the sidecar's proof-of-possession key and the proofs it signs. Pure code.
+
+The header (``typ``, ``alg``, public ``jwk``) never changes for a key, so it is encoded once;
+per proof only the claims are serialised and signed. Signing uses ``cryptography`` directly:
+ES256 is ECDSA P-256 / SHA-256 with the signature as r||s, 32 bytes each (RFC 7518 §3.4), not
+DER. This is the hot path's largest fixed cost (see bench/micro).
+
+The private key lives in memory only, for the life of the process; it is never logged,
+written or exported (``DpopKey.__repr__`` shows the thumbprint).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _json(obj: object) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def access_token_hash(token: str) -> str:
+    """``ath`` (RFC 9449 §4.2): base64url of the SHA-256 of the ASCII access token."""
+    return b64url(hashlib.sha256(token.encode("ascii")).digest())
+
+
+def htu(scheme: str, host: str, port: int | None, path: str) -> str:
+    """The ``htu`` claim for a request (RFC 9449 §4.2, RFC 3986 §6.2.2-6.2.3 normalisation).
+
+    No query or fragment; scheme and host lower-case; the default port dropped; an empty path
+    becomes ``/``. ``path`` is the path as sent upstream.
+    """
+    scheme = scheme.lower()
+    host = host.lower()
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    if port is not None and port != _DEFAULT_PORTS.get(scheme):
+        host = f"{host}:{port}"
+    path = path.split("?", 1)[0].split("#", 1)[0] or "/"
+    return f"{scheme}://{host}{path}"
+
+
+class DpopKey:
+    """An ES256 key pair with its public JWK, RFC 7638 thumbprint and pre-encoded proof header."""
+
+    alg = "ES256"
+
+    def __init__(
+        self,
+        private_key: ec.EllipticCurvePrivateKey | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._key = private_key or ec.generate_private_key(ec.SECP256R1())
+        numbers = self._key.public_key().public_numbers()
+        self.public_jwk = {
+            "kty": "EC",
+            "crv": "P-256",
+            "x": b64url(numbers.x.to_bytes(32, "big")),
+            "y": b64url(numbers.y.to_bytes(32, "big")),
+        }
+        # RFC 7638 §3.2: required members only, lexicographic order, no white space.
+        self.thumbprint = b64url(
+            hashlib.sha256(_json(dict(sorted(self.public_jwk.items())))).digest()
+        )
+        header = {"typ": "dpop+jwt", "alg": self.alg, "jwk": self.public_jwk}
+        self._header_b64 = b64url(_json(header)).encode() + b"."
+        self._clock = clock
+
+    def __repr__(self) -> str:
+        return f"DpopKey(jkt={self.thumbprint})"
+
+    def proof(
+        self,
+        htm: str,
+        htu: str,
+        *,
+        access_token: str | None = None,
+        nonce: str | None = None,
+    ) -> str:
+        """A fresh proof JWT for one HTTP request (RFC 9449 §4.2): new ``jti``, current ``iat``."""
+        claims: dict[str, object] = {
+            "jti": b64url(os.urandom(16)),
+            "htm": htm,
+            "htu": htu,
+            "iat": int(self._clock()),
+        }
+        if access_token is not None:
+            claims["ath"] = access_token_hash(access_token)
+        if nonce is not None:
+            claims["nonce"] = nonce
+        signing_input = self._header_b64 + b64url(_json(claims)).encode()
+        r, s = decode_dss_signature(self._key.sign(signing_input, _ECDSA_SHA256))
+        signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+        return signing_input.decode("ascii") + "." + b64url(signature)
+
+
+class NonceStore:
+    """The latest ``DPoP-Nonce`` each origin gave us (RFC 9449 §8, §9). AS and RS differ.
+
+    Bounded: an origin is a configured upstream or AS, but cap it anyway.
+    """
+
+    def __init__(self, limit: int = 1024) -> None:
+        self._nonces: dict[str, str] = {}
+        self._limit = limit
+
+    def get(self, origin: str) -> str | None:
+        return self._nonces.get(origin)
+
+    def update(self, origin: str, nonce: str | None) -> None:
+        if not nonce or len(nonce) > 512 or not nonce.isascii():
+            return
+        self._nonces.pop(origin, None)  # re-insert: the dict's order is least recently updated
+        if len(self._nonces) >= self._limit:
+            self._nonces.pop(next(iter(self._nonces)))
+        self._nonces[origin] = nonce

@@ -1,0 +1,353 @@
+"""Token client: ask an authorization server for an access token.
+
+The protocol is pure functions (:func:`token_form`, :func:`parse_token_response`,
+:func:`discovery_urls`); :class:`TokenClient` is the I/O edge (aiohttp). aiohttp errors are
+converted here into :class:`TokenUnavailable` (503, retry later) or :class:`TokenRejected`
+(502, the AS said no or said something unsafe).
+
+Grants: client_credentials (RFC 6749 §4.4), token exchange (RFC 8693) with the JWT-SVID as
+subject token, JWT bearer (RFC 7523 §2.1) with the JWT-SVID as assertion. Client auth:
+``jwt_svid`` (draft-ietf-oauth-spiffe-client-auth), ``jwt_bearer`` (RFC 7523 §2.2), ``none``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import aiohttp
+import jwt
+
+from sidecar.config import AuthorizationServer
+from sidecar.credentials.dpop import DpopKey, NonceStore
+from sidecar.credentials.identity import JwtSvid, WorkloadIdentity
+from sidecar.errors import ProxyError, TokenRejected, TokenUnavailable, sanitize
+from sidecar.secret import Secret
+
+log = logging.getLogger("sidecar.token")
+
+JWT_SPIFFE = "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe"
+JWT_BEARER_ASSERTION = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"
+MAX_RESPONSE_BYTES = 64 * 1024
+METADATA_TTL = 3600.0
+DEFAULT_LIFETIME = 300.0  # when the AS says neither expires_in nor exp
+
+
+@dataclass(frozen=True)
+class TokenKey:
+    """Everything that shapes a token. Tokens are never shared between different keys."""
+
+    server: str
+    client_id: str
+    grant: str
+    resource: str | None
+    audience: str | None
+    scopes: tuple[str, ...]
+    jkt: str | None  # DPoP key thumbprint; None for Bearer routes
+    x509: str | None = None  # certificate fingerprint, for mTLS-bound tokens
+
+
+@dataclass(frozen=True)
+class AccessToken:
+    value: Secret
+    token_type: Literal["DPoP", "Bearer"]
+    issued_at: float  # monotonic
+    expires_at: float  # monotonic
+    scope: tuple[str, ...]
+    claims: Mapping[str, Any] = field(default_factory=dict)  # non-secret, for audit and demo
+
+    @property
+    def lifetime(self) -> float:
+        return self.expires_at - self.issued_at
+
+    def usable(self, now: float) -> bool:
+        # Stop a little before expiry (servers may allow no leeway), but not seconds early.
+        return now < self.expires_at - min(2.0, self.lifetime * 0.05)
+
+
+# -- pure protocol -----------------------------------------------------------------------------
+
+
+def discovery_urls(issuer: str) -> tuple[str, str]:
+    """RFC 8414 §3.1 (well-known inserted before the issuer path), then the OIDC location."""
+    parts = urlsplit(issuer)
+    path = parts.path.rstrip("/")
+    origin = f"{parts.scheme}://{parts.netloc}"
+    return (
+        f"{origin}/.well-known/oauth-authorization-server{path}",
+        f"{issuer.rstrip('/')}/.well-known/openid-configuration",
+    )
+
+
+def token_form(server: AuthorizationServer, key: TokenKey, svid: JwtSvid | None) -> dict[str, Any]:
+    """The form fields of a token request (values may be lists: repeated parameters)."""
+    form: dict[str, Any] = {}
+    assertion = svid.token.reveal() if svid else None
+    if server.grant == "client_credentials":
+        form["grant_type"] = "client_credentials"
+    elif server.grant == "token_exchange":
+        form["grant_type"] = TOKEN_EXCHANGE
+        form["subject_token"] = assertion
+        form["subject_token_type"] = TOKEN_TYPE_JWT
+    elif server.grant == "jwt_bearer":
+        form["grant_type"] = JWT_BEARER_GRANT
+        form["assertion"] = assertion
+    if server.client_auth == "jwt_svid":
+        form["client_assertion_type"] = JWT_SPIFFE
+        form["client_assertion"] = assertion
+    elif server.client_auth == "jwt_bearer":
+        form["client_assertion_type"] = JWT_BEARER_ASSERTION
+        form["client_assertion"] = assertion
+    elif server.client_auth == "none" or server.client_id:
+        form["client_id"] = key.client_id
+    if key.resource:
+        form["resource"] = key.resource
+    if key.audience:
+        form["audience"] = key.audience
+    if key.scopes:
+        form["scope"] = " ".join(key.scopes)
+    return form
+
+
+def needs_svid(server: AuthorizationServer) -> bool:
+    return server.client_auth in ("jwt_svid", "jwt_bearer") or server.grant != "client_credentials"
+
+
+def parse_token_response(
+    status: int, body: bytes, *, dpop: bool, route: str, now: float
+) -> AccessToken:
+    """Turn the AS's answer into a token, or the error the app will see (RFC 6749 §5.1-5.2)."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        doc = None
+    if status != 200:
+        error = sanitize(doc.get("error", "")) if isinstance(doc, dict) else ""
+        desc = sanitize(doc.get("error_description", "")) if isinstance(doc, dict) else ""
+        summary = f"{error}: {desc}" if desc else error or f"HTTP {status}"
+        if status >= 500 or status == 429:
+            raise TokenUnavailable(
+                f"the authorization server is unavailable (HTTP {status})",
+                route=route,
+                upstream_error=summary,
+            )
+        raise TokenRejected(
+            f"the authorization server refused the token request ({error or status})",
+            route=route,
+            upstream_error=summary,
+        )
+    if not isinstance(doc, dict) or not isinstance(doc.get("access_token"), str):
+        raise TokenRejected("the authorization server's answer has no access_token", route=route)
+    token_type = str(doc.get("token_type", "")).lower()
+    if token_type not in ("dpop", "bearer"):
+        raise TokenRejected(f"unsupported token_type {sanitize(token_type)!r}", route=route)
+    if dpop and token_type != "dpop":
+        # RFC 9449 §5: a Bearer answer means the AS ignored our proof. Fail closed.
+        raise TokenRejected(
+            "the authorization server issued a Bearer token for a DPoP route; refusing it "
+            "(set token_type: bearer on the route only if Bearer is really intended)",
+            route=route,
+        )
+    value = doc["access_token"]
+    claims = _unverified_claims(value)
+    lifetime = _lifetime(doc, claims)
+    scope = doc.get("scope")
+    return AccessToken(
+        value=Secret(value),
+        token_type="DPoP" if token_type == "dpop" else "Bearer",
+        issued_at=now,
+        expires_at=now + lifetime,
+        scope=tuple(sorted(scope.split())) if isinstance(scope, str) else (),
+        claims=claims,
+    )
+
+
+_SAFE_CLAIMS = ("iss", "sub", "aud", "client_id", "scope", "jti", "iat", "exp", "cnf")
+
+
+def _unverified_claims(token: str) -> dict[str, Any]:
+    """Claims for audit and display. The AS is trusted over TLS; the RS verifies the token."""
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return {}
+    return {k: claims[k] for k in _SAFE_CLAIMS if k in claims}
+
+
+def _lifetime(doc: Mapping[str, Any], claims: Mapping[str, Any]) -> float:
+    expires_in = doc.get("expires_in")
+    if isinstance(expires_in, int | float) and not isinstance(expires_in, bool) and expires_in > 0:
+        return float(expires_in)
+    if isinstance(claims.get("exp"), int | float):
+        return max(0.0, float(claims["exp"]) - time.time())
+    return DEFAULT_LIFETIME
+
+
+# -- I/O edge ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Metadata:
+    token_endpoint: str
+    fetched_at: float
+
+
+class TokenClient:
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        identity: WorkloadIdentity,
+        dpop_key: DpopKey,
+        nonces: NonceStore,
+        *,
+        ssl_for: Callable[[AuthorizationServer], Any],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._session = session
+        self._identity = identity
+        self._dpop_key = dpop_key
+        self._nonces = nonces
+        self._ssl_for = ssl_for
+        self._clock = clock
+        self._metadata: dict[str, _Metadata] = {}
+
+    async def fetch(self, server: AuthorizationServer, key: TokenKey, route: str) -> AccessToken:
+        endpoint = await self.token_endpoint(server, route)
+        svid = (
+            await self._identity.jwt_svid(server.jwt_svid_audience) if needs_svid(server) else None
+        )
+        form = token_form(server, key, svid)
+        dpop = key.jkt is not None
+        origin = _origin(endpoint)
+        for attempt in (1, 2):
+            headers = {"Accept": "application/json"}
+            if dpop:
+                headers["DPoP"] = self._dpop_key.proof(
+                    "POST", endpoint, nonce=self._nonces.get(origin)
+                )
+            status, body, nonce = await self._post(server, endpoint, form, headers, route)
+            self._nonces.update(origin, nonce)
+            # RFC 9449 §8: the AS wants a nonce; retry once with a fresh proof carrying it.
+            if (
+                attempt == 1
+                and dpop
+                and status == 400
+                and nonce
+                and _error_code(body) == "use_dpop_nonce"
+            ):
+                continue
+            break
+        token = parse_token_response(status, body, dpop=dpop, route=route, now=self._clock())
+        log.info(
+            "token issued",
+            extra={
+                "route": route,
+                "authorization_server": server.name,
+                "scope": " ".join(key.scopes),
+                "token_type": token.token_type,
+                "expires_in": round(token.lifetime),
+                "jti": token.claims.get("jti"),
+                "sub": token.claims.get("sub"),
+            },
+        )
+        return token
+
+    async def _post(
+        self,
+        server: AuthorizationServer,
+        url: str,
+        form: Mapping[str, Any],
+        headers: Mapping[str, str],
+        route: str,
+    ) -> tuple[int, bytes, str | None]:
+        try:
+            async with self._session.post(
+                url,
+                data=form,
+                headers=headers,
+                ssl=self._ssl_for(server),
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=server.timeout),
+            ) as resp:
+                body = await resp.content.read(MAX_RESPONSE_BYTES)
+                return resp.status, body, resp.headers.get("DPoP-Nonce")
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise TokenUnavailable(
+                f"cannot reach the authorization server {server.name!r} ({type(exc).__name__})",
+                route=route,
+                upstream_error=type(exc).__name__,
+            ) from exc
+
+    async def token_endpoint(self, server: AuthorizationServer, route: str) -> str:
+        if server.token_endpoint:
+            return server.token_endpoint
+        assert server.issuer is not None
+        cached = self._metadata.get(server.name)
+        if cached and self._clock() - cached.fetched_at < METADATA_TTL:
+            return cached.token_endpoint
+        last: ProxyError | None = None
+        for url in discovery_urls(server.issuer):
+            try:
+                endpoint = await self._discover(server, url, route)
+            except TokenRejected as exc:
+                last = exc
+                continue
+            self._metadata[server.name] = _Metadata(endpoint, self._clock())
+            return endpoint
+        assert last is not None
+        raise last
+
+    async def _discover(self, server: AuthorizationServer, url: str, route: str) -> str:
+        try:
+            async with self._session.get(
+                url,
+                ssl=self._ssl_for(server),
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=server.timeout),
+            ) as resp:
+                status, body = resp.status, await resp.content.read(MAX_RESPONSE_BYTES)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise TokenUnavailable(
+                f"cannot reach the authorization server {server.name!r} for discovery "
+                f"({type(exc).__name__})",
+                route=route,
+            ) from exc
+        if status >= 500:
+            raise TokenUnavailable(f"discovery failed with HTTP {status}", route=route)
+        try:
+            doc = json.loads(body) if status == 200 else None
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict):
+            raise TokenRejected(f"no authorization server metadata at {url}", route=route)
+        # RFC 8414 §3.3: the issuer in the metadata must be the one we asked about.
+        if doc.get("issuer") != server.issuer:
+            raise TokenRejected(
+                f"the metadata at {url} names a different issuer; refusing it (RFC 8414 §3.3)",
+                route=route,
+            )
+        endpoint = doc.get("token_endpoint")
+        if not isinstance(endpoint, str) or urlsplit(endpoint).scheme != "https":
+            raise TokenRejected("the metadata has no https token_endpoint", route=route)
+        return endpoint
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def _error_code(body: bytes) -> str | None:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    return doc.get("error") if isinstance(doc, dict) else None

@@ -1,0 +1,109 @@
+"""Listener: the HTTP_PROXY endpoint the legacy app talks to (aiohttp low-level server).
+
+Below aiohttp's router on purpose: the router never matches absolute-form targets' CONNECT
+(aio-libs/aiohttp#3257), and a proxy has no routes of its own. The request target is read
+byte-exact from ``raw_path``; when it disagrees with the Host header, the target wins
+(RFC 9112 §3.2.2).
+
+The seam to the rest of the data path is :class:`Handler`: anything that turns a request into
+a response. A leaner forwarder can replace this module without touching routing or credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from sidecar.config import Address
+from sidecar.errors import BadRequest, ProxyError
+
+log = logging.getLogger("sidecar.listener")
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+def error_response(error: ProxyError) -> web.Response:
+    return web.Response(status=error.status, body=error.encode(), headers=error.headers())
+
+
+class Listener:
+    def __init__(self, handler: Handler, *, max_header_bytes: int) -> None:
+        self._handler = handler
+        self._server = web.Server(
+            self._handle,
+            max_line_size=max_header_bytes,
+            max_field_size=max_header_bytes,
+            handler_cancellation=True,
+            auto_decompress=False,  # request bodies pass through as the app encoded them
+        )
+        self._sockets: asyncio.Server | None = None
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def start(self, address: Address, *, reuse_port: bool = False) -> Address:
+        loop = asyncio.get_running_loop()
+        self._sockets = await loop.create_server(
+            self._server, address.host, address.port, reuse_port=reuse_port or None
+        )
+        host, port = self._sockets.sockets[0].getsockname()[:2]
+        return Address(host, port)
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting, let in-flight requests finish for up to ``grace`` s, then close."""
+        if self._sockets is not None:
+            self._sockets.close()
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+        except TimeoutError:
+            log.warning(
+                "grace period over; closing requests still in flight",
+                extra={"in_flight": self.in_flight},
+            )
+        await self._server.shutdown(timeout=0.1)
+        if self._sockets is not None:
+            await self._sockets.wait_closed()
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        self.in_flight += 1
+        self._idle.clear()
+        started = time.perf_counter()
+        status = 0
+        try:
+            response = await self._dispatch(request)
+            status = response.status
+            return response
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+            log.debug(
+                "request",
+                extra={
+                    "method": request.method,
+                    "status": status,
+                    "ms": round((time.perf_counter() - started) * 1000, 2),
+                },
+            )
+
+    async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
+        try:
+            if request.method == "CONNECT":
+                raise BadRequest("CONNECT tunnels are not enabled on this sidecar")
+            return await self._handler(request)
+        except ProxyError as error:
+            log.warning(
+                "request refused",
+                extra={
+                    "route": error.route,
+                    "error": error.code,
+                    "status": error.status,
+                    "method": request.method,
+                    "detail": error.detail,
+                },
+            )
+            return error_response(error)

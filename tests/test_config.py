@@ -1,0 +1,113 @@
+"""Config validation: every problem at once, each with its YAML path."""
+
+from pathlib import Path
+
+import pytest
+
+from sidecar import config
+from sidecar.errors import ConfigError
+
+ENV = {"SPIFFE_ENDPOINT_SOCKET": "unix:///run/spiffe/agent.sock"}
+
+
+def minimal(**overrides: object) -> dict[str, object]:
+    doc: dict[str, object] = {
+        "authorization_servers": {"corp": {"issuer": "https://as.example.com"}},
+        "destinations": [
+            {
+                "host": "api.saas.example",
+                "upstream": "https://api.saas.example",
+                "authorization_server": "corp",
+                "resource": "https://api.saas.example",
+                "scopes": {
+                    "default": ["invoices:read"],
+                    "rules": [
+                        {"methods": ["post"], "paths": ["/v1/invoices/**"], "scopes": ["invoices:write"]}
+                    ],
+                },
+            }
+        ],
+    }
+    doc.update(overrides)
+    return doc
+
+
+def problems(doc: object) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        config.parse(doc, env=ENV)
+    return list(info.value.problems)
+
+
+def test_minimal_config_gets_safe_defaults() -> None:
+    cfg = config.parse(minimal(), env=ENV)
+    assert str(cfg.listen) == "127.0.0.1:15001"
+    assert str(cfg.admin) == "127.0.0.1:15000"
+    assert cfg.spiffe_socket == ENV["SPIFFE_ENDPOINT_SOCKET"]
+    server = cfg.authorization_servers["corp"]
+    assert (server.client_auth, server.grant, server.dpop) == ("jwt_svid", "client_credentials", True)
+    assert server.jwt_svid_audience == "https://as.example.com"
+    dest = cfg.destinations[0]
+    assert dest.name == "api.saas.example"
+    assert dest.token_type == "dpop"
+    assert dest.rules[0].methods == frozenset({"POST"})
+
+
+def test_every_problem_is_reported_with_its_path() -> None:
+    doc = minimal(listen="0.0.0.0:15001", bogus=1)
+    doc["destinations"] = [
+        {"host": "API_bad", "authorization_server": "nope", "upstream": "ftp://x",
+         "scopes": {"rules": [{"methods": ["FETCH"], "paths": ["v1/*x"], "scopes": ["a b"]}]}},
+    ]
+    found = problems(doc)
+    expected = [
+        "bogus: unknown key",
+        "listen: 0.0.0.0:15001 is not a loopback address",
+        "destinations[0].host: must be a lower-case host name",
+        "destinations[0].upstream: must be an absolute http(s) URL",
+        "destinations[0].authorization_server: unknown authorization server 'nope'",
+        "destinations[0].scopes.rules[0].methods[0]: must be an HTTP method",
+        "destinations[0].scopes.rules[0].paths[0]: must be a path glob starting with '/'",
+        "destinations[0].scopes.rules[0].scopes[0]: must be a scope token",
+    ]
+    for prefix in expected:
+        assert any(p.startswith(prefix) for p in found), (prefix, found)
+
+
+def test_non_loopback_listen_needs_explicit_opt_in() -> None:
+    cfg = config.parse(minimal(listen="0.0.0.0:15001", allow_non_loopback=True), env=ENV)
+    assert cfg.listen.host == "0.0.0.0"
+
+
+def test_duplicate_hosts_and_missing_socket() -> None:
+    doc = minimal()
+    doc["destinations"] = [doc["destinations"][0], dict(doc["destinations"][0], name="b")]  # type: ignore[index]
+    with pytest.raises(ConfigError) as info:
+        config.parse(doc, env={})
+    text = str(info.value)
+    assert "destinations[1].host: 'api.saas.example' is already routed by destinations[0]" in text
+    assert "spiffe.socket: needs socket" in text
+
+
+def test_authorization_server_needs_issuer_or_endpoint() -> None:
+    found = problems(minimal(authorization_servers={"corp": {"client_auth": "magic"}}))
+    assert any(p.startswith("authorization_servers.corp: needs an issuer") for p in found)
+    assert any(p.startswith("authorization_servers.corp.client_auth: must be one of") for p in found)
+
+
+def test_load_reports_yaml_syntax_errors_with_line(tmp_path: Path) -> None:
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("listen: [\n")
+    with pytest.raises(ConfigError, match=r"line \d+"):
+        config.load(path, env=ENV)
+
+
+def test_load_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        config.load(tmp_path / "absent.yaml", env=ENV)
+    with pytest.raises(ConfigError, match="SIDECAR_CONFIG"):
+        config.load(None, env={})
+
+
+def test_shipped_example_config_is_valid() -> None:
+    cfg = config.load(Path(__file__).parents[1] / "config" / "sidecar.yaml", env=ENV)
+    assert cfg.destinations

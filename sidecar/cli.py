@@ -53,10 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(check)
     check.set_defaults(func=cmd_check)
 
-    with contextlib.suppress(ImportError):
-        from sidecar.k8s.commands import register
-
-        register(sub)
     return parser
 
 

@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import web, web_protocol
 
 from sidecar.config import Address
 from sidecar.errors import BadRequest, ProxyError
@@ -30,10 +30,43 @@ def error_response(error: ProxyError) -> web.Response:
     return web.Response(status=error.status, body=error.encode(), headers=error.headers())
 
 
+class _RequestHandler(web_protocol.RequestHandler):
+    """aiohttp's connection handler, answering unparseable requests in our JSON shape.
+
+    aiohttp's own answer is text with the offending bytes echoed, and it logs a traceback that
+    may quote a header line; a malformed ``Authorization`` line must not reach the logs.
+    """
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; cannot answer with an error")
+        if status >= 500:
+            log.error("internal error", extra={"error": type(exc).__name__ if exc else None})
+            error = ProxyError("the sidecar failed to handle this request")
+        else:
+            reason = type(exc).__name__ if exc else "BadRequest"
+            log.warning("malformed request", extra={"status": status, "error": reason})
+            error = BadRequest(f"malformed HTTP request ({reason}); nothing was forwarded")
+        response = error_response(error)
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    def __call__(self) -> web_protocol.RequestHandler:
+        return _RequestHandler(self, loop=self._loop, **self._kwargs)
+
+
 class Listener:
     def __init__(self, handler: Handler, *, max_header_bytes: int) -> None:
         self._handler = handler
-        self._server = web.Server(
+        self._server = _Server(
             self._handle,
             max_line_size=max_header_bytes,
             max_field_size=max_header_bytes,

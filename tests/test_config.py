@@ -22,7 +22,11 @@ def minimal(**overrides: object) -> dict[str, object]:
                 "scopes": {
                     "default": ["invoices:read"],
                     "rules": [
-                        {"methods": ["post"], "paths": ["/v1/invoices/**"], "scopes": ["invoices:write"]}
+                        {
+                            "methods": ["post"],
+                            "paths": ["/v1/invoices/**"],
+                            "scopes": ["invoices:write"],
+                        }
                     ],
                 },
             }
@@ -44,7 +48,11 @@ def test_minimal_config_gets_safe_defaults() -> None:
     assert str(cfg.admin) == "127.0.0.1:15000"
     assert cfg.spiffe_socket == ENV["SPIFFE_ENDPOINT_SOCKET"]
     server = cfg.authorization_servers["corp"]
-    assert (server.client_auth, server.grant, server.dpop) == ("jwt_svid", "client_credentials", True)
+    assert (server.client_auth, server.grant, server.dpop) == (
+        "jwt_svid",
+        "client_credentials",
+        True,
+    )
     assert server.jwt_svid_audience == "https://as.example.com"
     dest = cfg.destinations[0]
     assert dest.name == "api.saas.example"
@@ -55,8 +63,12 @@ def test_minimal_config_gets_safe_defaults() -> None:
 def test_every_problem_is_reported_with_its_path() -> None:
     doc = minimal(listen="0.0.0.0:15001", bogus=1)
     doc["destinations"] = [
-        {"host": "API_bad", "authorization_server": "nope", "upstream": "ftp://x",
-         "scopes": {"rules": [{"methods": ["FETCH"], "paths": ["v1/*x"], "scopes": ["a b"]}]}},
+        {
+            "host": "API_bad",
+            "authorization_server": "nope",
+            "upstream": "ftp://x",
+            "scopes": {"rules": [{"methods": ["FETCH"], "paths": ["v1/*x"], "scopes": ["a b"]}]},
+        },
     ]
     found = problems(doc)
     expected = [
@@ -74,8 +86,9 @@ def test_every_problem_is_reported_with_its_path() -> None:
 
 
 def test_non_loopback_listen_needs_explicit_opt_in() -> None:
-    cfg = config.parse(minimal(listen="0.0.0.0:15001", allow_non_loopback=True), env=ENV)
-    assert cfg.listen.host == "0.0.0.0"
+    everywhere = "0.0.0.0:15001"
+    cfg = config.parse(minimal(listen=everywhere, allow_non_loopback=True), env=ENV)
+    assert cfg.listen.host == "0.0.0.0"  # noqa: S104
 
 
 def test_duplicate_hosts_and_missing_socket() -> None:
@@ -91,7 +104,9 @@ def test_duplicate_hosts_and_missing_socket() -> None:
 def test_authorization_server_needs_issuer_or_endpoint() -> None:
     found = problems(minimal(authorization_servers={"corp": {"client_auth": "magic"}}))
     assert any(p.startswith("authorization_servers.corp: needs an issuer") for p in found)
-    assert any(p.startswith("authorization_servers.corp.client_auth: must be one of") for p in found)
+    assert any(
+        p.startswith("authorization_servers.corp.client_auth: must be one of") for p in found
+    )
 
 
 def test_load_reports_yaml_syntax_errors_with_line(tmp_path: Path) -> None:

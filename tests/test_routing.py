@@ -47,7 +47,9 @@ RULES = [
         ("GET", "/v1", ("v1:any",)),
     ],
 )
-def test_scope_rules_pick_the_most_specific(method: str, path: str, scopes: tuple[str, ...]) -> None:
+def test_scope_rules_pick_the_most_specific(
+    method: str, path: str, scopes: tuple[str, ...]
+) -> None:
     resolved = table(RULES, ["fallback"]).resolve(method, f"http://api.example{path}")
     assert resolved.scopes == scopes
 
@@ -66,9 +68,15 @@ def test_no_rule_and_no_default_is_refused_naming_the_route() -> None:
 
 @pytest.mark.parametrize(
     ("host", "routed"),
-    [("api.example", True), ("API.Example", True), ("eu.wild.example", True),
-     ("wild.example", False), ("a.eu.wild.example", False), ("evil.example", False),
-     ("api.example.evil", False)],
+    [
+        ("api.example", True),
+        ("API.Example", True),
+        ("eu.wild.example", True),
+        ("wild.example", False),
+        ("a.eu.wild.example", False),
+        ("evil.example", False),
+        ("api.example.evil", False),
+    ],
 )
 def test_host_matching(host: str, routed: bool) -> None:
     t = table([], ["s"])

@@ -14,8 +14,10 @@ from sidecar.credentials.dpop import DpopKey, NonceStore, access_token_hash, htu
 def decode(proof: str) -> tuple[dict[str, object], dict[str, object]]:
     header_b64, claims_b64, _ = proof.split(".")
     pad = lambda s: s + "=" * (-len(s) % 4)  # noqa: E731
-    return (json.loads(base64.urlsafe_b64decode(pad(header_b64))),
-            json.loads(base64.urlsafe_b64decode(pad(claims_b64))))
+    return (
+        json.loads(base64.urlsafe_b64decode(pad(header_b64))),
+        json.loads(base64.urlsafe_b64decode(pad(claims_b64))),
+    )
 
 
 def test_proof_verifies_with_an_independent_library() -> None:
@@ -30,7 +32,10 @@ def test_proof_verifies_with_an_independent_library() -> None:
     assert claims["htu"] == "https://rs.example/v1/x"
     assert claims["iat"] == 1_700_000_000
     assert claims["nonce"] == "n-1"
-    assert claims["ath"] == base64.urlsafe_b64encode(hashlib.sha256(b"tok").digest()).rstrip(b"=").decode()
+    assert (
+        claims["ath"]
+        == base64.urlsafe_b64encode(hashlib.sha256(b"tok").digest()).rstrip(b"=").decode()
+    )
     assert public.thumbprint() == key.thumbprint
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -160,6 +160,10 @@ def test_refresh_and_backoff_schedules() -> None:
     assert [round(backoff(n, lambda: 0.5)) for n in (1, 2, 3, 10, 20)] == [1, 2, 4, 300, 300]
 
 
-async def _until(predicate: object) -> None:
-    while not predicate():  # type: ignore[operator]
-        await asyncio.sleep(0)
+async def _until(predicate: Callable[[], bool]) -> None:
+    """Yield to the event loop until ``predicate`` holds; bounded, never time-based."""
+    for _ in range(10_000):
+        if predicate():
+            return
+        await asyncio.sleep(0)  # one loop turn: lets background tasks run
+    raise AssertionError("condition never became true")

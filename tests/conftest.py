@@ -1,0 +1,118 @@
+"""Shared fixtures: the real dev stack on loopback and the real sidecar in front of it.
+
+Every log record of every test is formatted with the production formatter and kept; when a
+test that used the dev stack ends, none of the credentials the stack issued (JWT-SVIDs, access
+tokens) may appear in any of it, at any level.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from sidecar import config
+from sidecar.devstack.stack import DevStack, dev_stack
+from sidecar.logs import JsonFormatter, RedactingFilter
+from sidecar.runtime import Sidecar
+
+
+class LogCapture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self.records: list[logging.LogRecord] = []
+        self.setFormatter(JsonFormatter())
+        self.addFilter(RedactingFilter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self.lines.append(self.format(record))
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+@pytest.fixture(autouse=True)
+def logs() -> Iterator[LogCapture]:
+    capture = LogCapture()
+    root = logging.getLogger()
+    previous = root.level
+    root.addHandler(capture)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield capture
+    finally:
+        root.removeHandler(capture)
+        root.setLevel(previous)
+
+
+def assert_no_secrets(text: str, secrets: list[str]) -> None:
+    for secret in secrets:
+        for part in (secret, *secret.split(".")[1:]):  # the whole JWT, its payload, its signature
+            if len(part) > 16:
+                assert part not in text, "a credential reached the logs"
+
+
+@pytest.fixture
+async def stack(tmp_path: Path, logs: LogCapture) -> AsyncIterator[DevStack]:
+    async with dev_stack(tmp_path) as running:
+        yield running
+        assert_no_secrets(logs.text(), running.secrets())
+
+
+@contextlib.asynccontextmanager
+async def running_sidecar(stack: DevStack, **overrides: Any) -> AsyncIterator[Sidecar]:
+    cfg = config.parse(stack.sidecar_config(**overrides))
+    async with Sidecar(cfg, grace=5.0) as sidecar:
+        yield sidecar
+
+
+@pytest.fixture
+async def sidecar(stack: DevStack) -> AsyncIterator[Sidecar]:
+    async with running_sidecar(stack) as running:
+        yield running
+
+
+@pytest.fixture
+async def app(sidecar: Sidecar) -> AsyncIterator[AppClient]:
+    async with AppClient(sidecar) as client:
+        yield client
+
+
+class AppClient:
+    """Behaves like the legacy app: plain http:// URLs through HTTP_PROXY."""
+
+    def __init__(self, sidecar: Sidecar) -> None:
+        assert sidecar.proxy_address is not None
+        self.proxy = f"http://{sidecar.proxy_address}"
+        self.address = sidecar.proxy_address
+        self.session = aiohttp.ClientSession()
+
+    async def __aenter__(self) -> AppClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.session.close()
+
+    async def request(self, method: str, url: str, **kwargs: Any) -> tuple[int, Any, bytes]:
+        async with self.session.request(method, url, proxy=self.proxy, **kwargs) as resp:
+            return resp.status, resp.headers, await resp.read()
+
+    async def raw(self, data: bytes) -> bytes:
+        """Send raw bytes on a fresh connection; return everything the sidecar answers."""
+        reader, writer = await asyncio.open_connection(self.address.host, self.address.port)
+        try:
+            writer.write(data)
+            await writer.drain()
+            return await asyncio.wait_for(reader.read(65536), 10)
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()

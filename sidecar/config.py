@@ -66,6 +66,9 @@ class AuthorizationServer:
     client_id: str | None  # None: the SPIFFE ID
     svid_audience: str | None  # None: the issuer (or the token endpoint when no issuer)
     timeout: float
+    client_secret_file: Path | None = None  # client_auth: client_secret
+    subject_token_type: str = "urn:ietf:params:oauth:token-type:jwt"  # grant: token_exchange
+    requested_token_type: str | None = None  # grant: token_exchange; sent only when set
 
     @property
     def jwt_svid_audience(self) -> str:
@@ -96,6 +99,13 @@ class Destination:
     allow_private: bool
     connect_timeout: float
     read_timeout: float
+    total_timeout: float | None = None
+    max_connections: int = 64  # per upstream origin
+    app_credentials: Literal["strip", "refuse"] = "strip"
+    via: bool = False
+    tunnel: bool = False  # CONNECT to this host: a blind TCP tunnel, no credential
+    tunnel_ports: tuple[int, ...] = (443,)
+    local_port: int | None = None  # origin-form requests on 127.0.0.1:<local_port> go here
 
 
 @dataclass(frozen=True)
@@ -291,6 +301,9 @@ def _authorization_server(name: str, node: _Node, base: Path) -> AuthorizationSe
         "client_id",
         "svid_audience",
         "timeout",
+        "client_secret_file",
+        "subject_token_type",
+        "requested_token_type",
     }
     if not node.mapping(keys):
         return None
@@ -305,17 +318,33 @@ def _authorization_server(name: str, node: _Node, base: Path) -> AuthorizationSe
         )
     ):
         node.problem("needs an issuer (for discovery) or a token_endpoint")
+    client_auth = node.choice("client_auth", CLIENT_AUTHS, "jwt_svid")
+    secret_file = _file(node, "client_secret_file", base)
+    if client_auth == "client_secret":
+        if secret_file is None:
+            node.problem(
+                "client_auth client_secret needs client_secret_file",
+                f"{node.path}.client_secret_file",
+            )
+        if node.get("client_id", str) is None:
+            node.problem("client_auth client_secret needs client_id", f"{node.path}.client_id")
+    elif secret_file is not None:
+        node.child("client_secret_file").problem("is only used with client_auth: client_secret")
     return AuthorizationServer(
         name=name,
         issuer=issuer.rstrip("/") if issuer and urlsplit(issuer).path == "/" else issuer,
         token_endpoint=token_endpoint,
         ca_file=_file(node, "ca_file", base),
-        client_auth=node.choice("client_auth", CLIENT_AUTHS, "jwt_svid"),  # type: ignore[arg-type]
+        client_auth=client_auth,  # type: ignore[arg-type]
         grant=node.choice("grant", GRANTS, "client_credentials"),  # type: ignore[arg-type]
         dpop=bool(node.get("dpop", bool, True)),
         client_id=node.get("client_id", str),
         svid_audience=node.get("svid_audience", str),
         timeout=_positive(node, "timeout", 10.0),
+        client_secret_file=secret_file,
+        subject_token_type=node.get("subject_token_type", str)
+        or "urn:ietf:params:oauth:token-type:jwt",
+        requested_token_type=node.get("requested_token_type", str),
     )
 
 
@@ -347,6 +376,13 @@ def _destination(node: _Node, servers: Mapping[str, object], base: Path) -> Dest
         "allow_private",
         "connect_timeout",
         "read_timeout",
+        "total_timeout",
+        "max_connections",
+        "app_credentials",
+        "via",
+        "tunnel",
+        "tunnel_ports",
+        "local_port",
     }
     if not node.mapping(keys):
         return None
@@ -354,7 +390,14 @@ def _destination(node: _Node, servers: Mapping[str, object], base: Path) -> Dest
     if node.child("host").value is None:
         node.child("host").problem("is required")
     upstream = node.check("upstream", lambda v: _https_url(v, allow_path=False))
-    as_name = node.get("authorization_server", str, required=True)
+    tunnel = bool(node.get("tunnel", bool, False))
+    as_name = node.get("authorization_server", str, required=not tunnel)
+    if tunnel:
+        for key in ("authorization_server", "scopes", "resource", "audience", "upstream"):
+            if node.child(key).value is not None:
+                node.child(key).problem(
+                    "a tunnel route carries no credential and dials the requested host: remove it"
+                )
     if as_name is not None and as_name not in servers:
         known = ", ".join(sorted(servers)) or "none defined"
         node.child("authorization_server").problem(
@@ -382,7 +425,41 @@ def _destination(node: _Node, servers: Mapping[str, object], base: Path) -> Dest
         allow_private=bool(node.get("allow_private", bool, False)),
         connect_timeout=_positive(node, "connect_timeout", 5.0),
         read_timeout=_positive(node, "read_timeout", 60.0),
+        total_timeout=_positive(node, "total_timeout", 1.0)
+        if node.child("total_timeout").value is not None
+        else None,
+        max_connections=_port_like(node, "max_connections", 64, 1, 10_000) or 64,
+        app_credentials=node.choice("app_credentials", ("strip", "refuse"), "strip"),  # type: ignore[arg-type]
+        via=bool(node.get("via", bool, False)),
+        tunnel=tunnel,
+        tunnel_ports=_ports(node.child("tunnel_ports")) if tunnel else (443,),
+        local_port=_port_like(node, "local_port", None, 1, 65535),
     )
+
+
+def _port_like(node: _Node, key: str, default: int | None, low: int, high: int) -> int | None:
+    value = node.child(key).value
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        node.child(key).problem(f"must be an integer from {low} to {high}")
+        return default
+    return value
+
+
+def _ports(node: _Node) -> tuple[int, ...]:
+    if node.value is None:
+        return (443,)
+    if not isinstance(node.value, list) or not node.value:
+        node.problem("must be a non-empty list of ports")
+        return (443,)
+    ports = []
+    for index, value in enumerate(node.value):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+            node.problem("must be a port number (1-65535)", f"{node.path}[{index}]")
+        else:
+            ports.append(value)
+    return tuple(ports)
 
 
 def parse(
@@ -459,6 +536,15 @@ def _parse(root: _Node, source: Path | None, env: Mapping[str, str], base: Path)
             item.child("host").problem(f"{dest.host!r} is already routed by {seen[dest.host]}")
         seen.setdefault(dest.host, item.path)
         destinations.append(dest)
+    ports: dict[int, str] = {}
+    taken = {a.port for a in (listen, admin) if a is not None and a.port}
+    for index, dest in enumerate(destinations):
+        if dest.local_port is None:
+            continue
+        where = f"destinations[{index}].local_port"
+        if dest.local_port in taken or dest.local_port in ports:
+            root.problem(f"port {dest.local_port} is already used", where)
+        ports[dest.local_port] = where
     names = [d.name for d in destinations]
     for index, name in enumerate(names):
         if names.index(name) != index:

@@ -73,23 +73,25 @@ class Listener:
             handler_cancellation=True,
             auto_decompress=False,  # request bodies pass through as the app encoded them
         )
-        self._sockets: asyncio.Server | None = None
+        self._sockets: list[asyncio.Server] = []
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
     async def start(self, address: Address, *, reuse_port: bool = False) -> Address:
+        """Listen on one more address (the proxy port, or a route's ``local_port``)."""
         loop = asyncio.get_running_loop()
-        self._sockets = await loop.create_server(
+        server = await loop.create_server(
             self._server, address.host, address.port, reuse_port=reuse_port or None
         )
-        host, port = self._sockets.sockets[0].getsockname()[:2]
+        self._sockets.append(server)
+        host, port = server.sockets[0].getsockname()[:2]
         return Address(host, port)
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, let in-flight requests finish for up to ``grace`` s, then close."""
-        if self._sockets is not None:
-            self._sockets.close()
+        for server in self._sockets:
+            server.close()
         try:
             await asyncio.wait_for(self._idle.wait(), grace)
         except TimeoutError:
@@ -98,8 +100,8 @@ class Listener:
                 extra={"in_flight": self.in_flight},
             )
         await self._server.shutdown(timeout=0.1)
-        if self._sockets is not None:
-            await self._sockets.wait_closed()
+        for server in self._sockets:
+            await server.wait_closed()
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         self.in_flight += 1
@@ -125,8 +127,6 @@ class Listener:
 
     async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
-            if request.method == "CONNECT":
-                raise BadRequest("CONNECT tunnels are not enabled on this sidecar")
             return await self._handler(request)
         except ProxyError as error:
             log.warning(

@@ -26,7 +26,13 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from sidecar.config import AuthorizationServer, Config, Destination, ScopeRule
-from sidecar.errors import BadRequest, NoScopeRule, NotAProxyRequest, UnknownDestination
+from sidecar.errors import (
+    BadRequest,
+    Forbidden,
+    NoScopeRule,
+    NotAProxyRequest,
+    UnknownDestination,
+)
 
 _DOT_SEGMENT = re.compile(r"(^|/)(\.|%2e){1,2}(/|$)", re.IGNORECASE)
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -173,17 +179,24 @@ class Resolved:
 
 
 class RoutingTable:
-    """Host -> route, built once per config."""
+    """Host -> route, built once per config. Tunnel routes (CONNECT) are a table of their own."""
 
     def __init__(self, config: Config) -> None:
         self._exact: dict[str, Route] = {}
         self._wildcard: dict[str, Route] = {}
+        self._tunnels: dict[str, Destination] = {}
+        self.local_ports: dict[int, Route] = {}
         for dest in config.destinations:
+            if dest.tunnel:
+                self._tunnels[dest.host] = dest
+                continue
             route = compile_route(dest, config.authorization_servers[dest.authorization_server])
             if dest.host.startswith("*."):
                 self._wildcard[dest.host[2:]] = route
             else:
                 self._exact[dest.host] = route
+            if dest.local_port is not None:
+                self.local_ports[dest.local_port] = route
 
     @property
     def routes(self) -> Mapping[str, Route]:
@@ -199,10 +212,64 @@ class RoutingTable:
         target = parse_target(raw_target)
         route = self.match(target.host)
         if route is None:
+            if self._tunnel_match(target.host) is not None:
+                raise UnknownDestination(
+                    f"{target.host} is a tunnel-only route: connect with CONNECT "
+                    "(an https:// URL through the proxy), not plain http://"
+                )
             raise UnknownDestination(
                 f"{target.host} is not a configured destination; the sidecar denies unknown "
                 "destinations (add a route under 'destinations' in the config)"
             )
+        return self._resolved(route, method, target)
+
+    def resolve_local(self, local_port: int, method: str, raw_target: str) -> Resolved:
+        """An origin-form request on a route's own ``local_port``: any Host, that route."""
+        route = self.local_ports[local_port]
+        if not raw_target.startswith("/"):
+            raise BadRequest(
+                f"port {local_port} serves route {route.name!r} only: send origin-form "
+                "requests (GET /path), not a proxy request",
+                route=route.name,
+            )
+        path, _, query = raw_target.partition("?")
+        if "#" in raw_target:
+            raise BadRequest("fragments are not sent in requests", route=route.name)
+        host = route.destination.host
+        if host.startswith("*."):
+            raise BadRequest(
+                "a wildcard route cannot have a local_port: it needs a concrete host",
+                route=route.name,
+            )
+        target = Target("http", host, 80, path, query)
+        return self._resolved(route, method, target)
+
+    def tunnel_for(self, authority: str) -> tuple[Destination, str, int]:
+        """The tunnel route for a CONNECT ``host:port``, or a 403 that says why not."""
+        host, port = _split_authority(authority, 0)
+        if port == 0:
+            raise BadRequest("CONNECT needs host:port")
+        dest = self._tunnel_match(host)
+        if dest is None:
+            routed = " (it is routed for plain http:// requests)" if self.match(host) else ""
+            raise UnknownDestination(
+                f"no tunnel route for {host}{routed}; CONNECT is only allowed to hosts "
+                "marked 'tunnel: true' in the config"
+            )
+        if port not in dest.tunnel_ports:
+            allowed = ", ".join(map(str, dest.tunnel_ports))
+            raise Forbidden(
+                f"tunnel route {dest.name!r} allows ports {allowed}, not {port}", route=dest.name
+            )
+        return dest, host, port
+
+    def _tunnel_match(self, host: str) -> Destination | None:
+        dest = self._tunnels.get(host)
+        if dest is None and "." in host:
+            dest = self._tunnels.get("*." + host.split(".", 1)[1])
+        return dest
+
+    def _resolved(self, route: Route, method: str, target: Target) -> Resolved:
         if _DOT_SEGMENT.search(target.path):
             raise BadRequest("paths with '.' or '..' segments are refused", route=route.name)
         return Resolved(route, target, route.scopes_for(method, target.path))

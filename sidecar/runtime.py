@@ -28,6 +28,7 @@ from sidecar.listener import Listener
 from sidecar.routing import Route, RoutingTable
 from sidecar.tasks import Background
 from sidecar.tls import ContextCache
+from sidecar.tunnel import open_tunnel
 
 log = logging.getLogger("sidecar")
 
@@ -47,6 +48,11 @@ def build_snapshot(config: Config) -> Snapshot:
     for dest in config.destinations:
         tls.get(dest.ca_file)
     return Snapshot(config, RoutingTable(config), tls)
+
+
+def _local_port(request: web.BaseRequest) -> int:
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    return int(sockname[1]) if sockname else 0
 
 
 class Sidecar:
@@ -96,6 +102,10 @@ class Sidecar:
                 name="identity warm-up",
             )
         self.proxy_address = await self.listener.start(self.config.listen)
+        self.local_addresses: dict[str, Address] = {}
+        for port, route in self.snapshot.routing.local_ports.items():
+            address = Address(self.config.listen.host, port)
+            self.local_addresses[route.name] = await self.listener.start(address)
         log.info(
             "listening", extra={"proxy": str(self.proxy_address), "admin": str(self.admin_address)}
         )
@@ -120,9 +130,17 @@ class Sidecar:
     # -- data path ----------------------------------------------------------------------------
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        snapshot = self.snapshot
+        snapshot = self.snapshot  # read once: this request finishes on this config
         assert snapshot is not None
-        resolved = snapshot.routing.resolve(request.method, request.raw_path)
+        routing = snapshot.routing
+        local_port = _local_port(request)
+        if local_port in routing.local_ports:
+            resolved = routing.resolve_local(local_port, request.method, request.raw_path)
+        elif request.method == "CONNECT":
+            dest, host, port = routing.tunnel_for(request.raw_path)
+            return await open_tunnel(request, dest, host, port)
+        else:
+            resolved = routing.resolve(request.method, request.raw_path)
         return await self.forwarder.forward(request, resolved)
 
     def _as_ssl(self, server: AuthorizationServer) -> ssl.SSLContext:

@@ -15,6 +15,7 @@ and multicast addresses are refused unless the route says ``allow_private: true`
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import re
@@ -32,15 +33,29 @@ from yarl import URL
 
 from sidecar.credentials.broker import Credentials
 from sidecar.credentials.dpop import htu
-from sidecar.credentials.token_client import AccessToken
-from sidecar.errors import Forbidden, UpstreamTimeout, UpstreamUnavailable
-from sidecar.headers import request_headers, response_headers
+from sidecar.credentials.token_client import AccessToken, TokenKey
+from sidecar.errors import BadRequest, Forbidden, UpstreamTimeout, UpstreamUnavailable
+from sidecar.headers import has_app_credentials, request_headers, response_headers
 from sidecar.routing import Resolved, Route
 
 log = logging.getLogger("sidecar.upstream")
 
 CHUNK = 64 * 1024
 _CHALLENGE_ERROR = re.compile(r'error\s*=\s*"?([a-z_]+)"?', re.IGNORECASE)
+
+
+def _refuse_private_literal(host: str, route: Route) -> None:
+    """IP-literal upstreams never reach the resolver: check them here."""
+    try:
+        private = is_private(host.strip("[]"))
+    except ValueError:
+        return  # a name: the GuardedResolver checks what it resolves to
+    if private:
+        raise Forbidden(
+            f"upstream {host} is a loopback or link-local address; refused "
+            "(set allow_private: true on the route if this is intended)",
+            route=route.name,
+        )
 
 
 def is_private(address: str) -> bool:
@@ -119,6 +134,7 @@ class Forwarder:
         self._open = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(**kwargs), **_SESSION_OPTIONS
         )
+        self._limits: dict[str, tuple[int, asyncio.Semaphore]] = {}
 
     async def close(self) -> None:
         await self._guarded.close()
@@ -126,19 +142,59 @@ class Forwarder:
 
     async def forward(self, request: web.BaseRequest, resolved: Resolved) -> web.StreamResponse:
         route, target = resolved.route, resolved.target
+        dest = route.destination
+        if dest.app_credentials == "refuse" and has_app_credentials(request.headers.items()):
+            raise BadRequest(
+                "this route refuses requests that carry their own Authorization or DPoP header "
+                "(the sidecar supplies the credential); remove it from the app",
+                route=route.name,
+            )
         origin = URL(route.upstream_origin(target))
+        if not dest.allow_private:
+            _refuse_private_literal(origin.raw_host or "", route)
         raw = target.path + (f"?{target.query}" if target.query else "")
         url = URL(str(origin) + raw, encoded=True)  # path and query byte-for-byte
         proof_htu = htu(origin.scheme, origin.raw_host or "", origin.explicit_port, target.path)
         headers = request_headers(request.headers.items(), origin.raw_authority)
+        if dest.via:
+            headers.add("Via", "1.1 spiffe-oauth-sidecar")
         body = await self._body(request)
         key, token = await self._credentials.token(route, resolved.scopes)
-        session = self._open if route.destination.allow_private else self._guarded
+        session = self._open if dest.allow_private else self._guarded
         timeout = aiohttp.ClientTimeout(
-            sock_connect=route.destination.connect_timeout,
-            sock_read=route.destination.read_timeout,
+            total=dest.total_timeout,
+            sock_connect=dest.connect_timeout,
+            sock_read=dest.read_timeout,
         )
-        origin_key = str(origin).lower()
+        async with self._slots(route):
+            return await self._exchange(
+                request, resolved, url, proof_htu, headers, body, session, timeout, key, token
+            )
+
+    def _slots(self, route: Route) -> asyncio.Semaphore:
+        """At most ``max_connections`` requests in flight to one route's upstream."""
+        limit = route.destination.max_connections
+        slot = self._limits.get(route.name)
+        if slot is None or slot[0] != limit:
+            slot = self._limits[route.name] = (limit, asyncio.Semaphore(limit))
+        return slot[1]
+
+    async def _exchange(
+        self,
+        request: web.BaseRequest,
+        resolved: Resolved,
+        url: URL,
+        proof_htu: str,
+        headers: Any,
+        body: _Body,
+        session: aiohttp.ClientSession,
+        timeout: aiohttp.ClientTimeout,
+        key: TokenKey,
+        token: AccessToken,
+    ) -> web.StreamResponse:
+        route = resolved.route
+        origin = url.origin()
+        origin_key = str(origin).lower().rstrip("/")
         for attempt in (1, 2):
             send = headers.copy()
             send.extend(self._credentials.headers(token, request.method, proof_htu, origin_key))

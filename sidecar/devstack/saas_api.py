@@ -8,11 +8,13 @@ accepted Bearer token - a DPoP proof (RFC 9449 §7) whose key matches ``cnf.jkt`
 
 What it saw is recorded per request (headers, body hash, verified claims) so tests assert on
 what really arrived. Special paths: ``/download/<n>`` streams n bytes, ``/headers`` echoes
-the request headers, ``/status/<code>`` answers that status, ``/echo`` returns the body.
+the request headers, ``/status/<code>`` answers that status, ``/echo`` returns the body,
+``/hang`` never answers (until the server stops).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import ssl
 import time
@@ -75,7 +77,10 @@ class DevSaasApi:
         self.scope_rules = tuple(scope_rules)  # (method, path prefix, scope needed)
         self.proofs = ProofVerifier(require_nonce=require_nonce)
         self.requests: list[SeenRequest] = []
+        self.revoked: set[str] = set()  # token jtis this API now rejects as invalid_token
+        self.reject_all_tokens = False
         self.port = 0
+        self._hang = asyncio.Event()
         self._runner: web.ServerRunner | None = None
 
     async def __aenter__(self) -> DevSaasApi:
@@ -88,6 +93,7 @@ class DevSaasApi:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self._hang.set()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -152,6 +158,9 @@ class DevSaasApi:
             return response
         if parts[0] == "status" and len(parts) == 2 and parts[1].isdigit():
             return web.json_response({"status": int(parts[1])}, status=int(parts[1]))
+        if parts[0] == "hang":  # never answers until the server stops: timeout tests
+            await self._hang.wait()
+            raise web.HTTPServiceUnavailable()
         if parts[0] == "headers":
             return web.json_response({"headers": seen.headers})
         if echo is not None:
@@ -180,6 +189,8 @@ class DevSaasApi:
             raise _Denied(401, "invalid_token", "unsupported authorization scheme")
         claims = self._verify_token(token)
         seen.token_claims = claims
+        if self.reject_all_tokens or claims.get("jti") in self.revoked:
+            raise _Denied(401, "invalid_token", "token revoked")
         bound = isinstance(claims.get("cnf"), dict) and "jkt" in claims["cnf"]
         if scheme == "bearer":
             if bound:

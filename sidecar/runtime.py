@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -56,8 +58,15 @@ def _local_port(request: web.BaseRequest) -> int:
 
 
 class Sidecar:
-    def __init__(self, config: Config, *, grace: float = 20.0) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        grace: float = 20.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
+        self._clock = clock  # token lifetimes; tests pass a manual clock
         self.grace = grace
         self.snapshot: Snapshot | None = None
         self.dpop_key = DpopKey()
@@ -80,11 +89,15 @@ class Sidecar:
             trust_env=False, cookie_jar=aiohttp.DummyCookieJar()
         )
         client = TokenClient(
-            self._as_session, self.identity, self.dpop_key, self.nonces, ssl_for=self._as_ssl
+            self._as_session,
+            self.identity,
+            self.dpop_key,
+            self.nonces,
+            ssl_for=self._as_ssl,
+            clock=self._clock,
         )
-        self.credentials = Credentials(
-            self.identity, client, TokenCache(self._background), self.dpop_key, self.nonces
-        )
+        cache = TokenCache(self._background, clock=self._clock)
+        self.credentials = Credentials(self.identity, client, cache, self.dpop_key, self.nonces)
         from sidecar.upstream import Forwarder
 
         self.forwarder = Forwarder(
@@ -97,8 +110,9 @@ class Sidecar:
         servers = list(self.config.authorization_servers.values())
         if servers:
             log.info("waiting for SVID", extra={"socket": self.config.spiffe_socket})
+            x509 = any(s.client_auth == "mtls" for s in servers)
             self._background.spawn(
-                self.identity.wait_until_ready(servers[0].jwt_svid_audience),
+                self.identity.wait_until_ready(servers[0].jwt_svid_audience, x509=x509),
                 name="identity warm-up",
             )
         self.proxy_address = await self.listener.start(self.config.listen)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +69,25 @@ async def stack(tmp_path: Path, logs: LogCapture) -> AsyncIterator[DevStack]:
 
 
 @contextlib.asynccontextmanager
-async def running_sidecar(stack: DevStack, **overrides: Any) -> AsyncIterator[Sidecar]:
+async def running_sidecar(
+    stack: DevStack, *, clock: Callable[[], float] | None = None, **overrides: Any
+) -> AsyncIterator[Sidecar]:
     cfg = config.parse(stack.sidecar_config(**overrides))
-    async with Sidecar(cfg, grace=5.0) as sidecar:
+    async with Sidecar(cfg, grace=5.0, clock=clock or time.monotonic) as sidecar:
         yield sidecar
+
+
+class ManualClock:
+    """A monotonic clock the test moves: token lifetimes without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 @pytest.fixture

@@ -31,18 +31,26 @@ class Credentials:
 
     async def key_for(self, route: Route, scopes: tuple[str, ...]) -> TokenKey:
         server = route.server
-        client_id = server.client_id or self.identity.spiffe_id
-        if client_id is None:  # first request before the SVID was seen: learn our SPIFFE ID
-            client_id = (await self.identity.jwt_svid(server.jwt_svid_audience)).spiffe_id
         dest = route.destination
+        x509: str | None = None
+        spiffe_id: str | None
+        if server.client_auth == "mtls":  # certificate-bound: a rotated SVID means a new token
+            svid = await self.identity.x509_svid()
+            x509, spiffe_id = svid.fingerprint, svid.spiffe_id
+        else:
+            spiffe_id = self.identity.spiffe_id
+            if spiffe_id is None:  # first request before the SVID was seen: learn our SPIFFE ID
+                spiffe_id = (await self.identity.jwt_svid(server.jwt_svid_audience)).spiffe_id
+        client_id = server.client_id or spiffe_id
         return TokenKey(
             server=server.name,
             client_id=client_id,
             grant=server.grant,
             resource=dest.resource,
             audience=dest.audience,
-            scopes=scopes,
+            scopes=tuple(sorted(set(scopes))),  # one token per scope *set*
             jkt=self.dpop_key.thumbprint if dest.token_type == "dpop" else None,
+            x509=x509,
         )
 
     async def token(self, route: Route, scopes: tuple[str, ...]) -> tuple[TokenKey, AccessToken]:

@@ -7,18 +7,24 @@ converted here into :class:`TokenUnavailable` (503, retry later) or :class:`Toke
 
 Grants: client_credentials (RFC 6749 §4.4), token exchange (RFC 8693) with the JWT-SVID as
 subject token, JWT bearer (RFC 7523 §2.1) with the JWT-SVID as assertion. Client auth:
-``jwt_svid`` (draft-ietf-oauth-spiffe-client-auth), ``jwt_bearer`` (RFC 7523 §2.2), ``none``.
+``jwt_svid`` (draft-ietf-oauth-spiffe-client-auth), ``jwt_bearer`` (RFC 7523 §2.2), ``mtls``
+(RFC 8705 with the X.509-SVID), ``client_secret`` (HTTP Basic, the secret read from a file and
+re-read when it changes), ``none``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import logging
+import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 import jwt
@@ -96,7 +102,9 @@ def token_form(server: AuthorizationServer, key: TokenKey, svid: JwtSvid | None)
     elif server.grant == "token_exchange":
         form["grant_type"] = TOKEN_EXCHANGE
         form["subject_token"] = assertion
-        form["subject_token_type"] = TOKEN_TYPE_JWT
+        form["subject_token_type"] = server.subject_token_type
+        if server.requested_token_type:  # some servers reject a type they do not expect
+            form["requested_token_type"] = server.requested_token_type
     elif server.grant == "jwt_bearer":
         form["grant_type"] = JWT_BEARER_GRANT
         form["assertion"] = assertion
@@ -106,8 +114,10 @@ def token_form(server: AuthorizationServer, key: TokenKey, svid: JwtSvid | None)
     elif server.client_auth == "jwt_bearer":
         form["client_assertion_type"] = JWT_BEARER_ASSERTION
         form["client_assertion"] = assertion
-    elif server.client_auth == "none" or server.client_id:
-        form["client_id"] = key.client_id
+    elif server.client_auth in ("none", "mtls") or (
+        server.client_id and server.client_auth != "client_secret"
+    ):
+        form["client_id"] = key.client_id  # RFC 8705 §2: mTLS clients send their client_id
     if key.resource:
         form["resource"] = key.resource
     if key.audience:
@@ -115,6 +125,12 @@ def token_form(server: AuthorizationServer, key: TokenKey, svid: JwtSvid | None)
     if key.scopes:
         form["scope"] = " ".join(key.scopes)
     return form
+
+
+def basic_credentials(client_id: str, secret: str) -> str:
+    """RFC 6749 §2.3.1: both parts form-urlencoded, then Basic."""
+    raw = f"{quote(client_id, safe='')}:{quote(secret, safe='')}".encode()
+    return "Basic " + base64.b64encode(raw).decode()
 
 
 def needs_svid(server: AuthorizationServer) -> bool:
@@ -218,6 +234,8 @@ class TokenClient:
         self._ssl_for = ssl_for
         self._clock = clock
         self._metadata: dict[str, _Metadata] = {}
+        self._secrets: dict[Path, tuple[tuple[int, int, int], Secret]] = {}
+        self._mtls: dict[tuple[Path | None, str], ssl.SSLContext] = {}
 
     async def fetch(self, server: AuthorizationServer, key: TokenKey, route: str) -> AccessToken:
         endpoint = await self.token_endpoint(server, route)
@@ -227,13 +245,20 @@ class TokenClient:
         form = token_form(server, key, svid)
         dpop = key.jkt is not None
         origin = _origin(endpoint)
+        base_headers = {"Accept": "application/json"}
+        if server.client_auth == "client_secret":
+            secret = await self._client_secret(server, route)
+            base_headers["Authorization"] = basic_credentials(key.client_id, secret.reveal())
+        ssl_context = await self._ssl(server)
         for attempt in (1, 2):
-            headers = {"Accept": "application/json"}
+            headers = dict(base_headers)
             if dpop:
                 headers["DPoP"] = self._dpop_key.proof(
                     "POST", endpoint, nonce=self._nonces.get(origin)
                 )
-            status, body, nonce = await self._post(server, endpoint, form, headers, route)
+            status, body, nonce = await self._post(
+                server, endpoint, form, headers, route, ssl_context
+            )
             self._nonces.update(origin, nonce)
             # RFC 9449 §8: the AS wants a nonce; retry once with a fresh proof carrying it.
             if (
@@ -267,13 +292,14 @@ class TokenClient:
         form: Mapping[str, Any],
         headers: Mapping[str, str],
         route: str,
+        ssl_context: Any,
     ) -> tuple[int, bytes, str | None]:
         try:
             async with self._session.post(
                 url,
                 data=form,
                 headers=headers,
-                ssl=self._ssl_for(server),
+                ssl=ssl_context,
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=server.timeout),
             ) as resp:
@@ -285,6 +311,49 @@ class TokenClient:
                 route=route,
                 upstream_error=type(exc).__name__,
             ) from exc
+
+    async def _ssl(self, server: AuthorizationServer) -> Any:
+        """The AS's TLS context; for ``mtls``, one that presents the current X.509-SVID.
+
+        A new SVID means a new context, and aiohttp pools connections per context: no
+        pooled connection presenting the old certificate is reused.
+        """
+        if server.client_auth != "mtls":
+            return self._ssl_for(server)
+        svid = await self._identity.x509_svid()
+        cache_key = (server.ca_file, svid.fingerprint)
+        context = self._mtls.get(cache_key)
+        if context is None:
+            context = await asyncio.to_thread(svid.client_context, server.ca_file)
+            self._mtls = {k: v for k, v in self._mtls.items() if k[1] == svid.fingerprint}
+            self._mtls[cache_key] = context
+        return context
+
+    async def _client_secret(self, server: AuthorizationServer, route: str) -> Secret:
+        """Read the secret file; re-read whenever it changes (a rotated Kubernetes Secret)."""
+        path = server.client_secret_file
+        assert path is not None  # validated: client_secret needs client_secret_file
+        try:
+            stat = await asyncio.to_thread(path.stat)
+            version = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+            cached = self._secrets.get(path)
+            if cached is not None and cached[0] == version:
+                return cached[1]
+            text = (await asyncio.to_thread(path.read_text, encoding="utf-8")).strip()
+        except OSError as exc:
+            raise TokenUnavailable(
+                f"cannot read the client secret file of authorization server {server.name!r} "
+                f"({exc.strerror})",
+                route=route,
+            ) from exc
+        if not text:
+            raise TokenUnavailable(
+                f"the client secret file of authorization server {server.name!r} is empty",
+                route=route,
+            )
+        secret = Secret(text)
+        self._secrets[path] = (version, secret)
+        return secret
 
     async def token_endpoint(self, server: AuthorizationServer, route: str) -> str:
         if server.token_endpoint:

@@ -17,8 +17,10 @@ It issues RFC 9068 JWT access tokens, DPoP-bound by ``cnf.jkt``. Every request i
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import hashlib
 import json
 import secrets
 import ssl
@@ -56,6 +58,7 @@ class TokenRequestRecord:
     status: int = 0
     error: str | None = None
     params: dict[str, str] = field(default_factory=dict)  # non-secret form fields
+    client_cert_sha256: str | None = None  # the TLS client certificate presented, if any
 
 
 class OAuthError(Exception):
@@ -108,6 +111,7 @@ class DevAuthServer:
         self.token_requests: list[TokenRequestRecord] = []
         self.issued_tokens: list[str] = []
         self.metadata_requests = 0
+        self._answered = asyncio.Condition()
         self._failures: list[tuple[int, str, str | None]] = []
         self._down = False
         self._runner: web.AppRunner | None = None
@@ -161,6 +165,16 @@ class DevAuthServer:
         """While down, every token request gets 503 (the IdP is having a bad day)."""
         self._down = down
 
+    async def wait_for_requests(self, count: int, timeout: float = 10.0) -> None:
+        """Until ``count`` token requests have been answered (or fail after ``timeout``)."""
+        async with asyncio.timeout(timeout), self._answered:
+            await self._answered.wait_for(
+                lambda: (
+                    len(self.token_requests) >= count
+                    and all(r.status for r in self.token_requests[:count])
+                )
+            )
+
     # -- handlers -----------------------------------------------------------------------------
     async def _metadata(self, request: web.Request) -> web.Response:
         self.metadata_requests += 1
@@ -202,13 +216,19 @@ class DevAuthServer:
             body, headers = self._issue(request, form, record)
         except OAuthError as exc:
             record.status, record.error = exc.status, exc.error
+            await self._notify()
             return web.json_response(
                 {"error": exc.error, "error_description": exc.description},
                 status=exc.status,
                 headers={"Cache-Control": "no-store", **exc.headers},
             )
         record.status = 200
+        await self._notify()
         return web.json_response(body, headers={"Cache-Control": "no-store", **headers})
+
+    async def _notify(self) -> None:
+        async with self._answered:
+            self._answered.notify_all()
 
     def _issue(
         self, request: web.Request, form: dict[str, str], record: TokenRequestRecord
@@ -219,6 +239,7 @@ class DevAuthServer:
             status, error, retry_after = self._failures.pop(0)
             extra = {"Retry-After": retry_after} if retry_after else {}
             raise OAuthError(error, "failure injected by the test", status, **extra)
+        record.client_cert_sha256 = _peer_fingerprint(request)
         client_id, record.auth_method = self._authenticate(request, form)
         record.client_id = client_id
         subject = self._grant(form, record, client_id)
@@ -377,6 +398,12 @@ class DevAuthServer:
             body["issued_token_type"] = ACCESS_TOKEN_TYPE
         headers = {"DPoP-Nonce": self.proofs.nonce} if self.proofs.require_nonce else {}
         return body, headers
+
+
+def _peer_fingerprint(request: web.Request) -> str | None:
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    return hashlib.sha256(der).hexdigest() if der else None
 
 
 def _peer_uri_san(request: web.Request) -> str | None:

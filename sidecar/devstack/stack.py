@@ -107,9 +107,11 @@ async def dev_stack(
     workload_api.start()
     try:
         tls = ca.issue_server("localhost", "127.0.0.1", "::1")
+        # The AS accepts (does not require) X.509-SVIDs as client certificates: RFC 8705.
+        as_tls = tls.server_context(client_ca_pem=trust_domain.x509_bundle_pem)
         async with DevAuthServer(
             trust_jwks=trust_domain.jwks,
-            ssl_context=tls.server_context(),
+            ssl_context=as_tls,
             **dict(auth_server or {}),
         ) as as_server:
             saas_options: dict[str, Any] = {"scope_rules": SAAS_SCOPE_RULES, **dict(saas or {})}

@@ -68,6 +68,10 @@ class SingleFlight(Generic[K, V]):
     def in_flight(self, key: K) -> bool:
         return key in self._flights
 
+    async def settle(self) -> None:
+        """Until every call in flight now has finished (whatever its outcome)."""
+        await asyncio.gather(*self._flights.values(), return_exceptions=True)
+
     def start(self, key: K, fn: Callable[[K], Awaitable[V]]) -> asyncio.Task[V]:
         task = self._flights.get(key)
         if task is None:

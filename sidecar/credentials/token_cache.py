@@ -92,6 +92,10 @@ class TokenCache:
         if entry is not None and entry.token is token:
             entry.token = None
 
+    async def settle(self) -> None:
+        """Until the token requests in flight now (refreshes included) have finished."""
+        await self._flights.settle()
+
     def clear(self) -> None:
         self._entries.clear()
 

@@ -198,7 +198,7 @@ async def test_refresh_ahead_renews_without_a_request_waiting(stack: DevStack) -
         assert (await app.request("GET", URL))[0] == 200
         # Served the current token at once: a request that waited would carry the new one.
         assert _jti(stack) == first
-        await stack.auth_server.wait_for_requests(2)
+        await sidecar.credentials.cache.settle()
         assert stack.auth_server.token_requests[1].status == 200
         assert (await app.request("GET", URL))[0] == 200
         assert _jti(stack) != first
@@ -212,7 +212,7 @@ async def test_as_down_with_a_valid_token_keeps_serving(stack: DevStack) -> None
         stack.auth_server.set_down(True)
         clock.advance(250)
         assert (await app.request("GET", URL))[0] == 200  # starts a refresh, which fails
-        await stack.auth_server.wait_for_requests(2)
+        await sidecar.credentials.cache.settle()
         assert stack.auth_server.token_requests[1].status == 503
         for _ in range(5):
             clock.advance(5)

@@ -1,4 +1,4 @@
-"""Admin listener: liveness and readiness probes (loopback by default, separate port)."""
+"""Admin listener: liveness, readiness and Prometheus metrics (loopback by default)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from sidecar.config import Address
+from sidecar.metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
     from sidecar.runtime import Sidecar
@@ -18,6 +19,7 @@ class Admin:
         app = web.Application()
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics)
         self._runner = web.AppRunner(app, access_log=None)
         self._started = False
 
@@ -37,7 +39,13 @@ class Admin:
             await self._runner.cleanup()
 
     async def healthz(self, request: web.Request) -> web.Response:
+        # Answering at all proves the event loop is responsive; a blocked loop times the
+        # probe out, which is what liveness should catch.
         return web.json_response({"status": "ok"})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = self._sidecar.metrics.exposition()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     async def readyz(self, request: web.Request) -> web.Response:
         ready, problems = self._sidecar.readiness()

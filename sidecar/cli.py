@@ -88,12 +88,21 @@ async def _serve(cfg: config.Config, grace: float) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def on_sighup() -> None:
+        task = loop.create_task(sidecar.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     try:
         await sidecar.start()
     except OSError as exc:
-        log.error("cannot start", extra={"error": str(exc)})
+        log.error("cannot start: is another process using the port?", extra={"error": str(exc)})
         return 1
     await stop.wait()
+    log.info("signal received: draining in-flight requests, then exiting")
     await sidecar.stop()
     return 0
 

@@ -121,6 +121,10 @@ class Config:
     max_header_bytes: int = 16 * 1024
     replay_buffer_bytes: int = 1024 * 1024
     extra: Mapping[str, Any] = field(default_factory=dict)
+    prefetch: bool = True  # fetch each route's default token at start (readiness needs it)
+    audit_query: bool = False  # put query strings in the audit log
+    watch: bool = True  # reload when the config file changes
+    watch_interval: float = 2.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,6 +489,8 @@ def _parse(root: _Node, source: Path | None, env: Mapping[str, str], base: Path)
             "destinations",
             "log",
             "limits",
+            "tokens",
+            "reload",
         }
     ):
         raise ConfigError(problems)
@@ -551,10 +557,20 @@ def _parse(root: _Node, source: Path | None, env: Mapping[str, str], base: Path)
             dest_node.problem(f"route name {name!r} is used twice", f"destinations[{index}].name")
 
     log = root.child("log")
-    level, fmt = "info", "json"
-    if log.value is not None and log.mapping({"level", "format"}):
+    level, fmt, audit_query = "info", "json", False
+    if log.value is not None and log.mapping({"level", "format", "audit_query"}):
         level = log.choice("level", ("debug", "info", "warning", "error"), "info")
         fmt = log.choice("format", ("json", "console"), "json")
+        audit_query = bool(log.get("audit_query", bool, False))
+    tokens = root.child("tokens")
+    prefetch = True
+    if tokens.value is not None and tokens.mapping({"prefetch"}):
+        prefetch = bool(tokens.get("prefetch", bool, True))
+    reload = root.child("reload")
+    watch, interval = True, 2.0
+    if reload.value is not None and reload.mapping({"watch", "interval"}):
+        watch = bool(reload.get("watch", bool, True))
+        interval = _positive(reload, "interval", 2.0)
     limits = root.child("limits")
     max_header, replay = 16 * 1024, 1024 * 1024
     if limits.value is not None and limits.mapping({"max_header_bytes", "replay_buffer_bytes"}):
@@ -575,6 +591,10 @@ def _parse(root: _Node, source: Path | None, env: Mapping[str, str], base: Path)
         log_format=fmt,  # type: ignore[arg-type]
         max_header_bytes=max_header,
         replay_buffer_bytes=replay,
+        prefetch=prefetch,
+        audit_query=audit_query,
+        watch=watch,
+        watch_interval=interval,
     )
 
 

@@ -64,6 +64,12 @@ class ConsoleFormatter(logging.Formatter):
         )
 
 
+def set_level(level: str) -> None:
+    """Change the level at runtime (config reload); leaves handlers alone."""
+    if logging.getLogger().handlers:
+        logging.getLogger().setLevel(level.upper())
+
+
 def configure(level: str = "info", fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())

@@ -154,6 +154,28 @@ class Route:
             route=self.name,
         )
 
+    @property
+    def prefetch_scopes(self) -> tuple[str, ...]:
+        """The scopes of the token fetched at start: the default, else the first rule's."""
+        if self.destination.default_scopes is not None:
+            return self.destination.default_scopes
+        return self.rules[0].rule.scopes if self.rules else ()
+
+    def explain(self, method: str, path: str) -> tuple[tuple[str, ...], str]:
+        """The scopes for a request and why: which rule (or the default) decided."""
+        best: _CompiledRule | None = None
+        for compiled in self.rules:
+            if compiled.rule.methods and method not in compiled.rule.methods:
+                continue
+            if not any(p.fullmatch(path) for p in compiled.patterns):
+                continue
+            if best is None or compiled.specificity > best.specificity:
+                best = compiled
+        if best is not None:
+            index = self.rules.index(best)
+            return best.rule.scopes, f"rule {index} ({self.describe_rules[index]})"
+        return self.scopes_for(method, path), "no rule matches: the route's default scopes"
+
     @cached_property
     def describe_rules(self) -> tuple[str, ...]:
         return tuple(
@@ -197,6 +219,11 @@ class RoutingTable:
                 self._exact[dest.host] = route
             if dest.local_port is not None:
                 self.local_ports[dest.local_port] = route
+
+    @property
+    def all_route_names(self) -> frozenset[str]:
+        """Every route name, tunnel routes included (the bounded set of metric labels)."""
+        return frozenset({*self.routes, *(d.name for d in self._tunnels.values())})
 
     @property
     def routes(self) -> Mapping[str, Route]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import ssl
 import time
 from collections.abc import Callable
@@ -19,18 +20,25 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
+from sidecar import logs as logs_module
 from sidecar.admin import Admin
+from sidecar.audit import Exchange
 from sidecar.config import Address, AuthorizationServer, Config
+from sidecar.config import load as load_config
 from sidecar.credentials.broker import Credentials
 from sidecar.credentials.dpop import DpopKey, NonceStore
 from sidecar.credentials.identity import WorkloadIdentity
 from sidecar.credentials.token_cache import TokenCache
 from sidecar.credentials.token_client import TokenClient
+from sidecar.errors import ConfigError, ProxyError
 from sidecar.listener import Listener
+from sidecar.metrics import UNMATCHED, Metrics, method_label, status_class
+from sidecar.reload import ConfigWatcher
 from sidecar.routing import Route, RoutingTable
 from sidecar.tasks import Background
 from sidecar.tls import ContextCache
 from sidecar.tunnel import open_tunnel
+from sidecar.upstream import Forwarder
 
 log = logging.getLogger("sidecar")
 
@@ -65,66 +73,79 @@ class Sidecar:
         grace: float = 20.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.config = config
+        self._initial = config
         self._clock = clock  # token lifetimes; tests pass a manual clock
         self.grace = grace
         self.snapshot: Snapshot | None = None
+        self.generation = 0  # +1 per config applied; reload tests wait on it
+        self._changed = asyncio.Condition()
         self.dpop_key = DpopKey()
         self.nonces = NonceStore()
         self.identity = WorkloadIdentity(config.spiffe_socket)
+        self.metrics = Metrics()
         self._background = Background("sidecar")
+        self._reload_lock = asyncio.Lock()
         self.proxy_address: Address | None = None
         self.admin_address: Address | None = None
+        self.local_addresses: dict[str, Address] = {}
         self.stopping = False
+
+    @property
+    def config(self) -> Config:
+        """The config in force (the latest one applied)."""
+        return self.snapshot.config if self.snapshot else self._initial
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.snapshot = await asyncio.to_thread(build_snapshot, self.config)
+        config = self._initial
+        self.snapshot = await asyncio.to_thread(build_snapshot, config)
+        self.generation = 1
         log.info(
             "config loaded",
-            extra={"source": str(self.config.source), "routes": len(self.config.destinations)},
+            extra={"source": str(config.source), "routes": len(config.destinations)},
         )
         self._as_session = aiohttp.ClientSession(
             trust_env=False, cookie_jar=aiohttp.DummyCookieJar()
         )
-        client = TokenClient(
+        self.token_client = TokenClient(
             self._as_session,
             self.identity,
             self.dpop_key,
             self.nonces,
             ssl_for=self._as_ssl,
             clock=self._clock,
+            observe=self._observe_token,
         )
         cache = TokenCache(self._background, clock=self._clock)
-        self.credentials = Credentials(self.identity, client, cache, self.dpop_key, self.nonces)
-        from sidecar.upstream import Forwarder
-
-        self.forwarder = Forwarder(
-            self.credentials, ssl_for=self._route_ssl, replay_limit=self.config.replay_buffer_bytes
+        self.credentials = Credentials(
+            self.identity, self.token_client, cache, self.dpop_key, self.nonces
         )
-        self.listener = Listener(self.handle, max_header_bytes=self.config.max_header_bytes)
+        self.forwarder = Forwarder(
+            self.credentials, ssl_for=self._route_ssl, replay_limit=config.replay_buffer_bytes
+        )
+        self.metrics.bind(self)
+        self.listener = Listener(self.handle, max_header_bytes=config.max_header_bytes)
         self.admin = Admin(self)
-        if self.config.admin is not None:
-            self.admin_address = await self.admin.start(self.config.admin)
-        servers = list(self.config.authorization_servers.values())
+        if config.admin is not None:
+            self.admin_address = await self.admin.start(config.admin)
+        servers = list(config.authorization_servers.values())
         if servers:
-            log.info("waiting for SVID", extra={"socket": self.config.spiffe_socket})
-            x509 = any(s.client_auth == "mtls" for s in servers)
-            self._background.spawn(
-                self.identity.wait_until_ready(servers[0].jwt_svid_audience, x509=x509),
-                name="identity warm-up",
-            )
-        self.proxy_address = await self.listener.start(self.config.listen)
-        self.local_addresses: dict[str, Address] = {}
+            log.info("waiting for SVID", extra={"socket": config.spiffe_socket})
+            self._background.spawn(self._warm_up(), name="warm-up")
+        self.proxy_address = await self.listener.start(config.listen)
         for port, route in self.snapshot.routing.local_ports.items():
-            address = Address(self.config.listen.host, port)
+            address = Address(config.listen.host, port)
             self.local_addresses[route.name] = await self.listener.start(address)
+        if config.watch and config.source is not None:
+            watcher = ConfigWatcher(config.source, config.watch_interval, self.reload)
+            self._background.spawn(watcher.run(), name="config watcher")
         log.info(
             "listening", extra={"proxy": str(self.proxy_address), "admin": str(self.admin_address)}
         )
 
     async def stop(self) -> None:
+        """Stop accepting, report not-ready, let in-flight requests finish within ``grace``."""
         self.stopping = True
         log.info("shutting down", extra={"grace_seconds": self.grace})
         await self.listener.stop(self.grace)
@@ -133,6 +154,7 @@ class Sidecar:
         await self._as_session.close()
         await self.identity.close()
         await self.admin.stop()
+        log.info("stopped")
 
     async def __aenter__(self) -> Sidecar:
         await self.start()
@@ -141,21 +163,145 @@ class Sidecar:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    async def _warm_up(self) -> None:
+        """Get an SVID; then, with ``prefetch``, a token per route so readiness can pass."""
+        servers = list(self.config.authorization_servers.values())
+        x509 = any(s.client_auth == "mtls" for s in servers)
+        await self.identity.wait_until_ready(servers[0].jwt_svid_audience, x509=x509)
+        delay = 1.0
+        while self.config.prefetch:
+            snapshot = self.snapshot
+            assert snapshot is not None
+            pending = [r for r in snapshot.routing.routes.values() if not self._route_ready(r)]
+            results = await asyncio.gather(
+                *(self.credentials.token(r, r.prefetch_scopes) for r in pending),
+                return_exceptions=True,
+            )
+            if not any(isinstance(r, BaseException) for r in results):
+                return
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
+            delay = min(delay * 2, 60.0)
+
+    # -- config reload ------------------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """Load the config file again; apply it atomically if valid, else keep the old one."""
+        source = self.config.source
+        if source is None:
+            return False
+        async with self._reload_lock:
+            try:
+                config = await asyncio.to_thread(load_config, source)
+                snapshot = await asyncio.to_thread(build_snapshot, config)
+            except ConfigError as exc:
+                self.metrics.reloads.labels("failure").inc()
+                for problem in exc.problems:
+                    log.error("config reload rejected", extra={"problem": problem})
+                log.error(
+                    "keeping the last good config",
+                    extra={"source": str(source), "problems": len(exc.problems)},
+                )
+                return False
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                self.metrics.reloads.labels("failure").inc()
+                log.error(
+                    "config reload failed; keeping the last good config",
+                    extra={"source": str(source), "error": f"{type(exc).__name__}: {exc}"},
+                )
+                return False
+            self._apply(snapshot)
+            return True
+
+    def _apply(self, snapshot: Snapshot) -> None:
+        old = self.config
+        new = snapshot.config
+        for key in ("listen", "admin", "spiffe_socket"):
+            if getattr(old, key) != getattr(new, key):
+                log.warning("this setting changes only on restart", extra={"setting": key})
+        if {d.local_port for d in old.destinations} != {d.local_port for d in new.destinations}:
+            log.warning("this setting changes only on restart", extra={"setting": "local_port"})
+        for name, server in old.authorization_servers.items():
+            if new.authorization_servers.get(name) != server:  # its tokens may differ now
+                self.credentials.cache.drop_server(name)
+                self.token_client.forget(name)
+        self.snapshot = snapshot  # one assignment: in-flight requests keep theirs
+        self.generation += 1
+        self.metrics.reloads.labels("success").inc()
+        logs_module.set_level(new.log_level)
+        log.info(
+            "config reloaded",
+            extra={"source": str(new.source), "routes": len(new.destinations)},
+        )
+        self._background.spawn(self._notify_changed(), name="config changed")
+
+    async def _notify_changed(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_for_generation(self, generation: int) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.generation >= generation)
+
     # -- data path ----------------------------------------------------------------------------
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         snapshot = self.snapshot  # read once: this request finishes on this config
         assert snapshot is not None
+        exchange = Exchange(request.method, request.raw_path)
+        self.metrics.in_flight.inc()
+        try:
+            response = await self._route(request, snapshot, exchange)
+            exchange.status = response.status
+            return response
+        except ProxyError as error:
+            exchange.status, exchange.error = error.status, error.code
+            exchange.route = exchange.route or error.route
+            raise
+        except BaseException:
+            exchange.status, exchange.error = 500, "internal_error"
+            raise
+        finally:
+            self.metrics.in_flight.dec()
+            self._record(exchange, snapshot)
+
+    async def _route(
+        self, request: web.BaseRequest, snapshot: Snapshot, exchange: Exchange
+    ) -> web.StreamResponse:
         routing = snapshot.routing
         local_port = _local_port(request)
         if local_port in routing.local_ports:
             resolved = routing.resolve_local(local_port, request.method, request.raw_path)
         elif request.method == "CONNECT":
             dest, host, port = routing.tunnel_for(request.raw_path)
+            exchange.route, exchange.host = dest.name, f"{host}:{port}"
+            self.metrics.tunnels.labels(dest.name).inc()
             return await open_tunnel(request, dest, host, port)
         else:
             resolved = routing.resolve(request.method, request.raw_path)
-        return await self.forwarder.forward(request, resolved)
+        exchange.route = resolved.route.name
+        exchange.host = resolved.target.host
+        exchange.path = resolved.target.path
+        exchange.query = resolved.target.query
+        exchange.scopes = resolved.scopes
+        return await self.forwarder.forward(request, resolved, exchange)
+
+    def _record(self, exchange: Exchange, snapshot: Snapshot) -> None:
+        known = exchange.route in snapshot.routing.all_route_names
+        route = exchange.route if known and exchange.route else UNMATCHED
+        self.metrics.requests.labels(
+            route, method_label(exchange.method), status_class(exchange.status)
+        ).inc()
+        if exchange.upstream_seconds is not None:
+            self.metrics.upstream_latency.labels(route).observe(exchange.upstream_seconds)
+        if exchange.retry:
+            self.metrics.retries.labels(route, exchange.retry).inc()
+        exchange.record(self.identity.spiffe_id, with_query=snapshot.config.audit_query)
+
+    def _observe_token(self, server: str, outcome: str) -> None:
+        if outcome == "nonce_retry":
+            self.metrics.token_nonce_retries.labels(server).inc()
+        else:
+            self.metrics.token_requests.labels(server, outcome).inc()
 
     def _as_ssl(self, server: AuthorizationServer) -> ssl.SSLContext:
         assert self.snapshot is not None
@@ -167,13 +313,40 @@ class Sidecar:
 
     # -- health -------------------------------------------------------------------------------
 
+    def token_expiries(self) -> dict[str, float]:
+        """Seconds until the soonest-expiring valid token, per authorization server."""
+        cache = self.credentials.cache
+        soonest: dict[str, float] = {}
+        for key, token in cache.valid_tokens():
+            left = cache.seconds_left(token)
+            soonest[key.server] = min(left, soonest.get(key.server, left))
+        return soonest
+
+    def _route_ready(self, route: Route) -> bool:
+        server = route.server.name
+        if server in self.token_client.issued_by:
+            return True
+        return any(key.server == server for key, _ in self.credentials.cache.valid_tokens())
+
     def readiness(self) -> tuple[bool, dict[str, str]]:
+        """Ready = an SVID is held, the config is loaded, and every route can get a token."""
         problems: dict[str, str] = {}
         if self.stopping:
             problems["sidecar"] = "shutting down"
+        if self.snapshot is None:
+            problems["config"] = "not loaded yet"
+            return False, problems
         if self.identity.state != "ready":
             problems["identity"] = (
                 f"no SVID from the Workload API at {self.config.spiffe_socket} "
                 f"({self.identity.last_error or 'not fetched yet'})"
             )
+        for route in self.snapshot.routing.routes.values():
+            if not self._route_ready(route):
+                server = route.server.name
+                why = self.token_client.last_error.get(server)
+                problems[f"route {route.name}"] = (
+                    f"authorization server {server!r} has not issued a token yet"
+                    + (f" (last error: {why})" if why else "")
+                )
         return not problems, problems

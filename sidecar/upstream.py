@@ -21,6 +21,7 @@ import logging
 import re
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,11 +30,12 @@ import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
+from multidict import CIMultiDict
 from yarl import URL
 
+from sidecar.audit import Exchange, token_reference
 from sidecar.credentials.broker import Credentials
 from sidecar.credentials.dpop import htu
-from sidecar.credentials.token_client import AccessToken, TokenKey
 from sidecar.errors import BadRequest, Forbidden, UpstreamTimeout, UpstreamUnavailable
 from sidecar.headers import has_app_credentials, request_headers, response_headers
 from sidecar.routing import Resolved, Route
@@ -100,6 +102,19 @@ class _Body:
         return self.data if self.stream is None else _iter_body(self.stream)
 
 
+@dataclass(frozen=True)
+class _Outbound:
+    """One request as it will be sent upstream (attempts differ only in credentials)."""
+
+    url: URL
+    htu: str  # RFC 9449 htu of ``url``
+    origin: str  # nonce key
+    headers: CIMultiDict[str]
+    body: _Body
+    session: aiohttp.ClientSession
+    timeout: aiohttp.ClientTimeout
+
+
 async def _iter_body(request: web.BaseRequest) -> AsyncIterator[bytes]:
     async for chunk in request.content.iter_chunked(CHUNK):
         yield chunk
@@ -127,20 +142,17 @@ class Forwarder:
         self._ssl_for = ssl_for
         self.replay_limit = replay_limit
         kwargs: dict[str, Any] = {"limit": 0, "limit_per_host": limit_per_host}
-        self._guarded = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(resolver=GuardedResolver(), **kwargs),
-            **_SESSION_OPTIONS,
-        )
-        self._open = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(**kwargs), **_SESSION_OPTIONS
-        )
+        self._guarded = _session(aiohttp.TCPConnector(resolver=GuardedResolver(), **kwargs))
+        self._open = _session(aiohttp.TCPConnector(**kwargs))
         self._limits: dict[str, tuple[int, asyncio.Semaphore]] = {}
 
     async def close(self) -> None:
         await self._guarded.close()
         await self._open.close()
 
-    async def forward(self, request: web.BaseRequest, resolved: Resolved) -> web.StreamResponse:
+    async def forward(
+        self, request: web.BaseRequest, resolved: Resolved, exchange: Exchange
+    ) -> web.StreamResponse:
         route, target = resolved.route, resolved.target
         dest = route.destination
         if dest.app_credentials == "refuse" and has_app_credentials(request.headers.items()):
@@ -153,23 +165,24 @@ class Forwarder:
         if not dest.allow_private:
             _refuse_private_literal(origin.raw_host or "", route)
         raw = target.path + (f"?{target.query}" if target.query else "")
-        url = URL(str(origin) + raw, encoded=True)  # path and query byte-for-byte
-        proof_htu = htu(origin.scheme, origin.raw_host or "", origin.explicit_port, target.path)
         headers = request_headers(request.headers.items(), origin.raw_authority)
         if dest.via:
             headers.add("Via", "1.1 spiffe-oauth-sidecar")
-        body = await self._body(request)
-        key, token = await self._credentials.token(route, resolved.scopes)
-        session = self._open if dest.allow_private else self._guarded
-        timeout = aiohttp.ClientTimeout(
-            total=dest.total_timeout,
-            sock_connect=dest.connect_timeout,
-            sock_read=dest.read_timeout,
+        out = _Outbound(
+            url=URL(str(origin) + raw, encoded=True),  # path and query byte-for-byte
+            htu=htu(origin.scheme, origin.raw_host or "", origin.explicit_port, target.path),
+            origin=str(origin).lower().rstrip("/"),
+            headers=headers,
+            body=await self._body(request),
+            session=self._open if dest.allow_private else self._guarded,
+            timeout=aiohttp.ClientTimeout(
+                total=dest.total_timeout,
+                sock_connect=dest.connect_timeout,
+                sock_read=dest.read_timeout,
+            ),
         )
         async with self._slots(route):
-            return await self._exchange(
-                request, resolved, url, proof_htu, headers, body, session, timeout, key, token
-            )
+            return await self._exchange(request, resolved, out, exchange)
 
     def _slots(self, route: Route) -> asyncio.Semaphore:
         """At most ``max_connections`` requests in flight to one route's upstream."""
@@ -180,40 +193,35 @@ class Forwarder:
         return slot[1]
 
     async def _exchange(
-        self,
-        request: web.BaseRequest,
-        resolved: Resolved,
-        url: URL,
-        proof_htu: str,
-        headers: Any,
-        body: _Body,
-        session: aiohttp.ClientSession,
-        timeout: aiohttp.ClientTimeout,
-        key: TokenKey,
-        token: AccessToken,
+        self, request: web.BaseRequest, resolved: Resolved, out: _Outbound, exchange: Exchange
     ) -> web.StreamResponse:
         route = resolved.route
-        origin = url.origin()
-        origin_key = str(origin).lower().rstrip("/")
+        key, token, hit = await self._credentials.lookup(route, resolved.scopes)
+        exchange.cache = "hit" if hit else "miss"
         for attempt in (1, 2):
-            send = headers.copy()
-            send.extend(self._credentials.headers(token, request.method, proof_htu, origin_key))
-            if body.data is not None:
-                send["Content-Length"] = str(len(body.data))
+            exchange.token = token_reference(token.claims, token.value.reveal())
+            send = out.headers.copy()
+            send.extend(self._credentials.headers(token, request.method, out.htu, out.origin))
+            if out.body.data is not None:
+                send["Content-Length"] = str(len(out.body.data))
             elif request.content_length is not None:
                 send["Content-Length"] = str(request.content_length)
-            resp = await self._send(session, request.method, url, send, body, route, timeout)
-            self._credentials.nonces.update(origin_key, resp.headers.get("DPoP-Nonce"))
-            retry = attempt == 1 and body.replayable and resp.status == 401
+            sent = time.perf_counter()
+            resp = await self._send(request.method, out, send, route)
+            exchange.upstream_seconds = time.perf_counter() - sent
+            self._credentials.nonces.update(out.origin, resp.headers.get("DPoP-Nonce"))
+            retry = attempt == 1 and out.body.replayable and resp.status == 401
             reason = _challenge_error(resp) if retry else None
             if reason == "use_dpop_nonce" and resp.headers.get("DPoP-Nonce"):
                 resp.release()
+                exchange.retry = reason
                 log.info(
                     "retrying with the resource server's DPoP nonce", extra={"route": route.name}
                 )
                 continue
             if reason == "invalid_token":
                 resp.release()
+                exchange.retry = reason
                 self._credentials.evict(key, token)
                 log.info(
                     "resource server rejected the token; fetching a new one",
@@ -222,7 +230,7 @@ class Forwarder:
                 key, token = await self._credentials.token(route, resolved.scopes)
                 continue
             break
-        return await self._relay(request, resp, route, token)
+        return await self._relay(request, resp, route)
 
     async def _body(self, request: web.BaseRequest) -> _Body:
         if not request.body_exists:
@@ -233,24 +241,17 @@ class Forwarder:
         return _Body(None, request)
 
     async def _send(
-        self,
-        session: aiohttp.ClientSession,
-        method: str,
-        url: URL,
-        headers: Any,
-        body: _Body,
-        route: Route,
-        timeout: aiohttp.ClientTimeout,
+        self, method: str, out: _Outbound, headers: Any, route: Route
     ) -> aiohttp.ClientResponse:
         try:
-            return await session.request(
+            return await out.session.request(
                 method,
-                url,
+                out.url,
                 headers=headers,
-                data=body.payload(),
+                data=out.body.payload(),
                 ssl=self._ssl_for(route),
                 allow_redirects=False,
-                timeout=timeout,
+                timeout=out.timeout,
                 middlewares=(),
             )
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
@@ -273,7 +274,6 @@ class Forwarder:
         request: web.BaseRequest,
         resp: aiohttp.ClientResponse,
         route: Route,
-        token: AccessToken,
     ) -> web.StreamResponse:
         async with resp:
             out = web.StreamResponse(status=resp.status, reason=resp.reason)
@@ -297,9 +297,11 @@ class Forwarder:
         return out
 
 
-_SESSION_OPTIONS: dict[str, Any] = {
-    "auto_decompress": False,  # bytes pass through as the upstream encoded them
-    "skip_auto_headers": ("Accept-Encoding", "User-Agent", "Content-Type"),
-    "cookie_jar": aiohttp.DummyCookieJar(),  # cookies are the app's, not ours to keep
-    "trust_env": False,  # never send our traffic through an environment proxy
-}
+def _session(connector: aiohttp.TCPConnector) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,  # bytes pass through as the upstream encoded them
+        skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
+        cookie_jar=aiohttp.DummyCookieJar(),  # cookies are the app's, not ours to keep
+        trust_env=False,  # never send our traffic through an environment proxy
+    )

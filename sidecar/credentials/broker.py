@@ -54,9 +54,18 @@ class Credentials:
         )
 
     async def token(self, route: Route, scopes: tuple[str, ...]) -> tuple[TokenKey, AccessToken]:
-        key = await self.key_for(route, scopes)
-        token = await self.cache.get(key, lambda k: self.client.fetch(route.server, k, route.name))
+        key, token, _ = await self.lookup(route, scopes)
         return key, token
+
+    async def lookup(
+        self, route: Route, scopes: tuple[str, ...]
+    ) -> tuple[TokenKey, AccessToken, bool]:
+        """The token for a request, and whether the cache had it."""
+        key = await self.key_for(route, scopes)
+        token, hit = await self.cache.lookup(
+            key, lambda k: self.client.fetch(route.server, k, route.name)
+        )
+        return key, token, hit
 
     def evict(self, key: TokenKey, token: AccessToken) -> None:
         self.cache.evict(key, token)

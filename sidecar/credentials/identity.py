@@ -157,6 +157,10 @@ class WorkloadIdentity:
         if client is not None:
             await asyncio.to_thread(client.close)
 
+    def jwt_expiry(self) -> float | None:
+        """Epoch seconds at which the soonest cached JWT-SVID expires (None: none cached)."""
+        return min((s.expires_at for s in self._jwt.values()), default=None)
+
     # -- X.509-SVIDs ---------------------------------------------------------------------------
 
     def on_x509_rotation(self, listener: Callable[[X509Material], None]) -> None:
@@ -212,9 +216,10 @@ class WorkloadIdentity:
         self._set_state("ready")
         if previous is not None and previous.fingerprint == material.fingerprint:
             return
-        log.info(
+        logging.getLogger("sidecar.audit").info(
             "X.509-SVID received" if previous is None else "X.509-SVID rotated",
             extra={
+                "event": "svid_received" if previous is None else "svid_rotated",
                 "spiffe_id": material.spiffe_id,
                 "fingerprint": material.fingerprint[:16],
                 "expires_at": int(material.expires_at),
@@ -293,7 +298,15 @@ class WorkloadIdentity:
             return
         self.state = state
         if state == "ready":
-            log.info("SVID received", extra={"spiffe_id": self.spiffe_id, "socket": self.address})
+            expiry = self.jwt_expiry() or (self.x509.expires_at if self.x509 else None)
+            log.info(
+                "SVID received",
+                extra={
+                    "spiffe_id": self.spiffe_id,
+                    "socket": self.address,
+                    "expires_at": int(expiry) if expiry else None,
+                },
+            )
         else:
             log.warning(
                 "waiting for the SPIFFE Workload API" if state == "waiting" else "identity lost",

@@ -74,17 +74,38 @@ class TokenCache:
         self.refreshes = 0
 
     async def get(self, key: TokenKey, fetch: Fetch) -> AccessToken:
+        return (await self.lookup(key, fetch))[0]
+
+    async def lookup(self, key: TokenKey, fetch: Fetch) -> tuple[AccessToken, bool]:
+        """The token for ``key`` and whether it came from the cache (a hit)."""
         now = self._clock()
         entry = self._entries.get(key)
         if entry is not None and entry.token is not None and entry.token.usable(now):
             self.hits += 1
             if now >= entry.refresh_at and now >= entry.retry_at:
                 self._start(key, fetch, refresh=True)
-            return entry.token
+            return entry.token, True
         self.misses += 1
         if entry is not None and entry.error is not None and now < entry.retry_at:
             raise _with_retry_after(entry.error, entry.retry_at - now)
-        return await self._flights.do(key, lambda k: self._fetch(k, fetch))
+        return await self._flights.do(key, lambda k: self._fetch(k, fetch)), False
+
+    def valid_tokens(self) -> list[tuple[TokenKey, AccessToken]]:
+        """Every cached token still usable now (for readiness and expiry metrics)."""
+        now = self._clock()
+        return [
+            (key, entry.token)
+            for key, entry in list(self._entries.items())
+            if entry.token is not None and entry.token.usable(now)
+        ]
+
+    def seconds_left(self, token: AccessToken) -> float:
+        return token.expires_at - self._clock()
+
+    def drop_server(self, server: str) -> None:
+        """Forget every token of one authorization server (its config changed)."""
+        for key in [k for k in self._entries if k.server == server]:
+            del self._entries[key]
 
     def evict(self, key: TokenKey, token: AccessToken) -> None:
         """Forget ``token`` (the resource server rejected it), unless already replaced."""

@@ -36,6 +36,7 @@ from sidecar.errors import ProxyError, TokenRejected, TokenUnavailable, sanitize
 from sidecar.secret import Secret
 
 log = logging.getLogger("sidecar.token")
+audit = logging.getLogger("sidecar.audit")
 
 JWT_SPIFFE = "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe"
 JWT_BEARER_ASSERTION = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -226,7 +227,11 @@ class TokenClient:
         *,
         ssl_for: Callable[[AuthorizationServer], Any],
         clock: Callable[[], float] = time.monotonic,
+        observe: Callable[[str, str], None] | None = None,
     ) -> None:
+        self._observe = observe or (lambda server, outcome: None)
+        self.issued_by: set[str] = set()  # servers that issued at least one token
+        self.last_error: dict[str, str] = {}  # server -> why its last request failed
         self._session = session
         self._identity = identity
         self._dpop_key = dpop_key
@@ -238,6 +243,20 @@ class TokenClient:
         self._mtls: dict[tuple[Path | None, str], ssl.SSLContext] = {}
 
     async def fetch(self, server: AuthorizationServer, key: TokenKey, route: str) -> AccessToken:
+        """One token from ``server``; the outcome is counted and remembered for readiness."""
+        try:
+            token = await self._fetch(server, key, route)
+        except ProxyError as exc:
+            outcome = "unavailable" if exc.status in (503, 504) else "rejected"
+            self.last_error[server.name] = exc.upstream_error or exc.detail
+            self._observe(server.name, outcome)
+            raise
+        self.issued_by.add(server.name)
+        self.last_error.pop(server.name, None)
+        self._observe(server.name, "ok")
+        return token
+
+    async def _fetch(self, server: AuthorizationServer, key: TokenKey, route: str) -> AccessToken:
         endpoint = await self.token_endpoint(server, route)
         svid = (
             await self._identity.jwt_svid(server.jwt_svid_audience) if needs_svid(server) else None
@@ -268,12 +287,15 @@ class TokenClient:
                 and nonce
                 and _error_code(body) == "use_dpop_nonce"
             ):
+                self._observe(server.name, "nonce_retry")
                 continue
             break
         token = parse_token_response(status, body, dpop=dpop, route=route, now=self._clock())
-        log.info(
+        audit.info(
             "token issued",
             extra={
+                "event": "token_issued",
+                "client_id": key.client_id,
                 "route": route,
                 "authorization_server": server.name,
                 "scope": " ".join(key.scopes),
@@ -311,6 +333,12 @@ class TokenClient:
                 route=route,
                 upstream_error=type(exc).__name__,
             ) from exc
+
+    def forget(self, server: str) -> None:
+        """Drop what was learnt about a server (metadata, readiness): its config changed."""
+        self._metadata.pop(server, None)
+        self.issued_by.discard(server)
+        self.last_error.pop(server, None)
 
     async def _ssl(self, server: AuthorizationServer) -> Any:
         """The AS's TLS context; for ``mtls``, one that presents the current X.509-SVID.

@@ -83,6 +83,8 @@ class DevStack:
             "spiffe": {"socket": self.workload_api.address},
             "authorization_servers": {"dev": server},
             "destinations": [destination],
+            # Tests count token requests one by one: no start-up prefetch unless asked for.
+            "tokens": {"prefetch": False},
         }
         doc.update(overrides)
         return doc

@@ -1,0 +1,72 @@
+"""Audit: one JSON line per proxied request, plus token issuance and SVID rotation events.
+
+Lines go to the ``sidecar.audit`` logger with ``event`` set, so a SOC can join SPIRE's
+issuance log (SPIFFE ID, SVID expiry), the AS's token log (``jti``, ``client_id``) and ours.
+What is recorded is chosen field by field: never a token, proof, key or SVID; the query string
+only when the config asks for it; for opaque tokens a SHA-256 prefix instead of a ``jti``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("sidecar.audit")
+
+
+def token_fingerprint(value: str) -> str:
+    """A stable, non-reversible reference to an opaque token (first 16 hex of SHA-256)."""
+    return hashlib.sha256(value.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Exchange:
+    """What happened to one request from the app; filled in along the data path."""
+
+    method: str
+    target: str  # the raw request target as the app sent it (never logged whole)
+    started: float = field(default_factory=time.perf_counter)
+    route: str | None = None
+    host: str | None = None
+    path: str | None = None
+    query: str | None = None
+    scopes: tuple[str, ...] = ()
+    token: Mapping[str, Any] | None = None  # safe claims: sub, client_id, jti, or a fingerprint
+    cache: str | None = None  # hit | miss
+    retry: str | None = None  # use_dpop_nonce | invalid_token
+    status: int = 0
+    error: str | None = None
+    upstream_seconds: float | None = None
+
+    def record(self, spiffe_id: str | None, *, with_query: bool) -> None:
+        doc: dict[str, Any] = {
+            "event": "request",
+            "spiffe_id": spiffe_id,
+            "route": self.route,
+            "method": self.method,
+            "host": self.host,
+            "path": self.path,
+            "scopes": " ".join(self.scopes) if self.scopes else None,
+            "status": self.status,
+            "latency_ms": round((time.perf_counter() - self.started) * 1000, 2),
+            "cache": self.cache,
+            "retry": self.retry,
+            "error": self.error,
+        }
+        if with_query and self.query:
+            doc["query"] = self.query
+        if self.token:
+            doc.update({f"token_{k}": v for k, v in self.token.items()})
+        log.info("request", extra={k: v for k, v in doc.items() if v is not None})
+
+
+def token_reference(claims: Mapping[str, Any], value: str) -> dict[str, Any]:
+    """The token's identity for the audit line: JWT claims, or a fingerprint when opaque."""
+    picked = {k: claims[k] for k in ("sub", "client_id", "jti") if k in claims}
+    if "jti" not in picked:
+        picked["sha256"] = token_fingerprint(value)
+    return picked

@@ -1,0 +1,47 @@
+"""Config hot reload: notice when the config file changes and ask the runtime to reload it.
+
+Works with the Kubernetes ConfigMap volume pattern: the mounted file is a symlink chain
+(``sidecar.yaml -> ..data/sidecar.yaml``, ``..data -> ..2026_11_23…``) and an update swaps
+``..data`` atomically. The file is therefore identified by what the path resolves to *and* its
+inode, mtime and size, polled off the event loop. SIGHUP triggers the same reload at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+log = logging.getLogger("sidecar.reload")
+
+Fingerprint = tuple[str, int, int, int, int] | None
+
+
+def fingerprint(path: Path) -> Fingerprint:
+    """Identity of the file's current content; None when it cannot be read right now."""
+    try:
+        real = os.path.realpath(path)
+        stat = os.stat(real)
+    except OSError:
+        return None
+    return (real, stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
+class ConfigWatcher:
+    def __init__(self, path: Path, interval: float, reload: Callable[[], Awaitable[bool]]) -> None:
+        self.path = path
+        self.interval = interval
+        self._reload = reload
+
+    async def run(self) -> None:
+        last = await asyncio.to_thread(fingerprint, self.path)
+        while True:
+            await asyncio.sleep(self.interval)
+            current = await asyncio.to_thread(fingerprint, self.path)
+            if current is None or current == last:
+                continue  # mid-swap or unchanged: look again next time
+            last = current
+            log.info("config file changed", extra={"source": str(self.path)})
+            await self._reload()

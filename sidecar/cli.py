@@ -1,4 +1,4 @@
-"""Command line: ``sidecar run | demo | check`` (and ``inject`` / ``webhook`` for Kubernetes)."""
+"""Command line: ``sidecar run | demo | check | explain`` (``inject`` / ``webhook``: Kubernetes)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from sidecar import __version__, config, logs
-from sidecar.errors import ConfigError
+from sidecar.errors import ConfigError, ProxyError
 
 log = logging.getLogger("sidecar")
 
@@ -52,6 +52,20 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config file and summarise its routes")
     _config_arg(check)
     check.set_defaults(func=cmd_check)
+
+    explain = sub.add_parser(
+        "explain",
+        help="show which route a URL takes, the scopes it asks for and why",
+    )
+    _config_arg(explain)
+    explain.add_argument("url", help="the plain http:// URL the app would call")
+    explain.add_argument("--method", "-X", default="GET", help="HTTP method (default GET)")
+    explain.add_argument(
+        "--fetch",
+        action="store_true",
+        help="also get the token and print its decoded claims and expiry (never the token)",
+    )
+    explain.set_defaults(func=cmd_explain)
 
     return parser
 
@@ -116,22 +130,42 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from sidecar.checks import check_config, summary
+
     try:
         cfg = config.load(args.config)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    print(f"config OK: {cfg.source}")
-    print(f"  listen {cfg.listen}, admin {cfg.admin}, SPIFFE socket {cfg.spiffe_socket}")
-    for dest in cfg.destinations:
-        server = cfg.authorization_servers[dest.authorization_server]
-        print(
-            f"  route {dest.name}: {dest.host} -> {dest.upstream or 'https://' + dest.host} "
-            f"via {server.name} ({server.grant}, {server.client_auth}, {dest.token_type})"
-        )
-        for rule in dest.rules:
-            methods = ",".join(sorted(rule.methods)) or "*"
-            print(f"    {methods} {' '.join(rule.paths)} -> {' '.join(rule.scopes)}")
-        if dest.default_scopes is not None:
-            print(f"    default -> {' '.join(dest.default_scopes) or '(no scope)'}")
+    problems = check_config(cfg)
+    if problems:
+        print(f"{cfg.source}: {len(problems)} problem(s)", file=sys.stderr)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 1
+    print(summary(cfg))
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from sidecar.checks import explain, fetch_and_describe
+
+    try:
+        cfg = config.load(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    try:
+        text, resolved = explain(cfg, args.method.upper(), args.url)
+    except ProxyError as exc:
+        print(f"refused: HTTP {exc.status} {exc.code}: {exc.detail}")
+        return 1
+    print(text)
+    if args.fetch:
+        _install_uvloop()
+        try:
+            print(asyncio.run(fetch_and_describe(cfg, resolved)))
+        except ProxyError as exc:
+            print(f"token request failed: {exc.code}: {exc.detail}", file=sys.stderr)
+            return 1
     return 0

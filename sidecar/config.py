@@ -617,4 +617,5 @@ def load(path: Path | str | None = None, *, env: Mapping[str, str] | None = None
         raise ConfigError(
             [f"{file}:{where} not valid YAML ({getattr(exc, 'problem', exc)})"]
         ) from exc
-    return parse(doc, source=file.resolve(), env=env)
+    # absolute(), not resolve(): a ConfigMap mount is a symlink that is swapped on update.
+    return parse(doc, source=file.absolute(), env=env)

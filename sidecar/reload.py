@@ -34,9 +34,14 @@ class ConfigWatcher:
         self.path = path
         self.interval = interval
         self._reload = reload
+        self._last: Fingerprint = None
+
+    async def baseline(self) -> None:
+        """Remember the file as it is now; later changes trigger a reload."""
+        self._last = await asyncio.to_thread(fingerprint, self.path)
 
     async def run(self) -> None:
-        last = await asyncio.to_thread(fingerprint, self.path)
+        last = self._last
         while True:
             await asyncio.sleep(self.interval)
             current = await asyncio.to_thread(fingerprint, self.path)

@@ -139,6 +139,7 @@ class Sidecar:
             self.local_addresses[route.name] = await self.listener.start(address)
         if config.watch and config.source is not None:
             watcher = ConfigWatcher(config.source, config.watch_interval, self.reload)
+            await watcher.baseline()  # before start() returns: no change can slip past
             self._background.spawn(watcher.run(), name="config watcher")
         log.info(
             "listening", extra={"proxy": str(self.proxy_address), "admin": str(self.admin_address)}

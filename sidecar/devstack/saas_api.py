@@ -79,6 +79,7 @@ class DevSaasApi:
         self.requests: list[SeenRequest] = []
         self.revoked: set[str] = set()  # token jtis this API now rejects as invalid_token
         self.reject_all_tokens = False
+        self.started: asyncio.Queue[str] = asyncio.Queue()  # raw paths, as requests arrive
         self.port = 0
         self._hang = asyncio.Event()
         self._runner: web.ServerRunner | None = None
@@ -104,6 +105,7 @@ class DevSaasApi:
 
     # -- the API ------------------------------------------------------------------------------
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        self.started.put_nowait(request.raw_path)  # before the body: tests see it in flight
         digest = hashlib.sha256()
         length = 0
         echo = bytearray() if request.path == "/echo" else None

@@ -1,0 +1,142 @@
+"""``sidecar check`` and ``sidecar explain``: what a config will do, before it runs.
+
+Schema problems are found by :func:`sidecar.config.parse`; :func:`check_config` adds what
+needs the file system or whole-config reasoning: CA files that do not parse, unreadable secret
+files, scope rules that can never be chosen, routes that shadow each other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ssl
+import time
+from pathlib import Path
+from typing import Any
+
+from sidecar.config import Address, Config
+from sidecar.routing import Resolved, RoutingTable, compile_route
+
+
+def check_config(cfg: Config) -> list[str]:
+    problems: list[str] = []
+    for name, server in cfg.authorization_servers.items():
+        where = f"authorization_servers.{name}"
+        problems += _ca_problems(server.ca_file, f"{where}.ca_file")
+        if server.client_secret_file is not None:
+            problems += _readable(server.client_secret_file, f"{where}.client_secret_file")
+    used = {d.authorization_server for d in cfg.destinations if not d.tunnel}
+    for name in sorted(set(cfg.authorization_servers) - used):
+        problems.append(f"authorization_servers.{name}: not used by any destination")
+    for index, dest in enumerate(cfg.destinations):
+        where = f"destinations[{index}]"
+        problems += _ca_problems(dest.ca_file, f"{where}.ca_file")
+        if dest.tunnel:
+            continue
+        if dest.local_port is not None and dest.host.startswith("*."):
+            problems.append(f"{where}.local_port: a wildcard route needs a concrete host")
+        seen: dict[tuple[frozenset[str], str], int] = {}
+        for r_index, rule in enumerate(dest.rules):
+            for path in rule.paths:
+                earlier = seen.get((rule.methods, path))
+                if earlier is not None:
+                    problems.append(
+                        f"{where}.scopes.rules[{r_index}]: never chosen: rule {earlier} has the "
+                        f"same methods and path {path!r} and comes first"
+                    )
+                seen.setdefault((rule.methods, path), r_index)
+        if dest.default_scopes is None and not dest.rules:
+            problems.append(
+                f"{where}.scopes: no default and no rules: every request would be refused"
+            )
+    return problems
+
+
+def _ca_problems(path: Path | None, where: str) -> list[str]:
+    if path is None:
+        return []
+    try:
+        ssl.create_default_context(cafile=str(path))
+    except FileNotFoundError:
+        return [f"{where}: {path} does not exist"]
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        return [f"{where}: {path} is not a PEM CA bundle ({exc})"]
+    return []
+
+
+def _readable(path: Path, where: str) -> list[str]:
+    try:
+        if not path.read_text(encoding="utf-8").strip():
+            return [f"{where}: {path} is empty"]
+    except OSError as exc:
+        return [f"{where}: cannot read {path} ({exc.strerror})"]
+    return []
+
+
+def summary(cfg: Config) -> str:
+    lines = [
+        f"config OK: {cfg.source}",
+        f"  listen {cfg.listen}, admin {cfg.admin}, SPIFFE socket {cfg.spiffe_socket}",
+    ]
+    for dest in cfg.destinations:
+        if dest.tunnel:
+            ports = ",".join(map(str, dest.tunnel_ports))
+            lines.append(f"  route {dest.name}: CONNECT {dest.host}:{ports} (blind tunnel)")
+            continue
+        server = cfg.authorization_servers[dest.authorization_server]
+        local = f", local port {dest.local_port}" if dest.local_port else ""
+        lines.append(
+            f"  route {dest.name}: {dest.host} -> {dest.upstream or 'https://' + dest.host} "
+            f"via {server.name} ({server.grant}, {server.client_auth}, {dest.token_type}){local}"
+        )
+        route = compile_route(dest, server)
+        lines += [f"    {text}" for text in route.describe_rules]
+        if dest.default_scopes is not None:
+            lines.append(f"    default -> {' '.join(dest.default_scopes) or '(no scope)'}")
+        else:
+            lines.append("    default -> (none: requests matching no rule are refused)")
+    return "\n".join(lines)
+
+
+def explain(cfg: Config, method: str, url: str) -> tuple[str, Resolved]:
+    resolved = RoutingTable(cfg).resolve(method, url)
+    route, target = resolved.route, resolved.target
+    scopes, why = route.explain(method, target.path)
+    server = route.server
+    dest = route.destination
+    lines = [
+        f"{method} {url}",
+        f"  route          {route.name} (host {dest.host})",
+        f"  upstream       {route.upstream_origin(target)}{target.path}",
+        f"  scopes         {' '.join(scopes) or '(none)'}",
+        f"  because        {why}",
+        f"  token          {dest.token_type}, resource={dest.resource} audience={dest.audience}",
+        f"  from           {server.name}: grant {server.grant}, client auth {server.client_auth}, "
+        f"{server.issuer or server.token_endpoint}",
+    ]
+    return "\n".join(lines), resolved
+
+
+async def fetch_and_describe(cfg: Config, resolved: Resolved) -> str:
+    """Get the token this request would use; describe it without revealing it."""
+    from sidecar.runtime import Sidecar
+
+    # A private sidecar: ephemeral loopback port, no admin, no local ports, nothing prefetched.
+    quiet = dataclasses.replace(
+        cfg,
+        listen=Address("127.0.0.1", 0),
+        admin=None,
+        prefetch=False,
+        watch=False,
+        destinations=tuple(dataclasses.replace(d, local_port=None) for d in cfg.destinations),
+    )
+    async with Sidecar(quiet, grace=0.1) as sidecar:
+        key, token = await sidecar.credentials.token(resolved.route, resolved.scopes)
+        claims: dict[str, Any] = dict(token.claims)
+    lines = ["  token claims   (decoded, not verified; the token itself is never printed)"]
+    for name in sorted(claims):
+        lines.append(f"    {name:12} {claims[name]}")
+    if "exp" in claims:
+        lines.append(f"  expires in     {int(claims['exp'] - time.time())} s")
+    lines.append(f"  token type     {token.token_type}, scope {' '.join(token.scope) or '-'}")
+    lines.append(f"  cache key      server={key.server} client_id={key.client_id}")
+    return "\n".join(lines)

@@ -1,0 +1,110 @@
+"""Probes and metrics over the admin port; the metric list matches docs/operations.md."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from sidecar.devstack.stack import SAAS_HOST, DevStack
+from sidecar.errors import IdentityUnavailable
+from sidecar.runtime import Sidecar
+from tests.conftest import AppClient, ManualClock, running_sidecar
+
+URL = f"http://{SAAS_HOST}/v1/invoices"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "operations.md"
+
+
+async def admin_get(sidecar: Sidecar, path: str) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://{sidecar.admin_address}{path}") as resp,
+    ):
+        body = await (resp.json() if path != "/metrics" else resp.text())
+        return resp.status, body
+
+
+async def test_readiness_flips_with_the_as_and_the_svid(stack: DevStack) -> None:
+    clock = ManualClock()
+    stack.auth_server.set_down(True)
+    async with running_sidecar(stack, clock=clock, tokens={"prefetch": True}) as sidecar:
+        await stack.auth_server.wait_for_requests(1)  # the prefetch got the AS's 503
+        await sidecar.credentials.cache.settle()
+        status, body = await admin_get(sidecar, "/readyz")
+        assert status == 503
+        assert "temporarily_unavailable" in body["problems"]["route saas"]
+        assert "identity" not in body["problems"]
+        stack.auth_server.set_down(False)
+        clock.advance(10)  # past the token cache's backoff
+        async with AppClient(sidecar) as app:
+            assert (await app.request("GET", URL))[0] == 200
+        status, body = await admin_get(sidecar, "/readyz")
+        assert (status, body) == (200, {"ready": True, "problems": {}})
+        # The SPIRE agent goes away and an SVID refresh fails: not ready.
+        stack.workload_api.set_available(False)
+        with pytest.raises(IdentityUnavailable):
+            await sidecar.identity.jwt_svid("https://another.example")
+        status, body = await admin_get(sidecar, "/readyz")
+        assert status == 503
+        assert "Workload API" in body["problems"]["identity"]
+        # It comes back: ready again.
+        stack.workload_api.set_available(True)
+        await sidecar.identity.jwt_svid("https://another.example")
+        assert (await admin_get(sidecar, "/readyz"))[0] == 200
+
+
+async def test_prefetch_makes_the_sidecar_ready_before_any_request(stack: DevStack) -> None:
+    async with running_sidecar(stack, tokens={"prefetch": True}) as sidecar:
+        await stack.auth_server.wait_for_requests(1)
+        await sidecar.credentials.cache.settle()
+        status, body = await admin_get(sidecar, "/readyz")
+        assert status == 200, body
+        assert stack.auth_server.token_requests[0].scope == ("invoices:read",)
+    assert stack.saas.requests == []
+
+
+async def test_healthz(sidecar: Sidecar) -> None:
+    assert await admin_get(sidecar, "/healthz") == (200, {"status": "ok"})
+
+
+def documented_metrics() -> dict[str, tuple[str, set[str]]]:
+    rows = re.findall(r"^\| `(sidecar_[a-z_]+)` \| (\w+) \| ([^|]*)\|", DOCS.read_text(), re.M)
+    return {name: (kind, set(re.findall(r"`(\w+)`", labels))) for name, kind, labels in rows}
+
+
+async def test_metric_names_and_labels_match_the_documented_list(
+    stack: DevStack, sidecar: Sidecar, app: AppClient
+) -> None:
+    await app.request("GET", URL)
+    await app.request("GET", "http://unknown.example/")
+    await app.request("GET", f"http://{SAAS_HOST}/v1/invoices/12345?secret=1")
+    status, text = await admin_get(sidecar, "/metrics")
+    assert status == 200
+    documented = documented_metrics()
+    assert len(documented) >= 10
+    seen: dict[str, tuple[str, set[str]]] = {}
+    for family in text_string_to_metric_families(text):
+        if not family.name.startswith("sidecar_"):
+            continue
+        suffix = "_total" if family.type == "counter" else ""
+        labels: set[str] = set()
+        for sample in family.samples:
+            labels |= set(sample.labels) - {"le"}
+        seen[family.name + suffix] = (family.type, labels)
+    assert set(seen) <= set(documented), set(seen) - set(documented)
+    for name, (kind, labels) in seen.items():
+        assert documented[name][0] == kind, name
+        assert labels <= documented[name][1], (name, labels)
+    # Label values are bounded: no paths, IDs, hosts the app made up, or credentials.
+    assert "12345" not in text
+    assert "secret" not in text
+    assert "unknown.example" not in text
+    assert 'route="(unmatched)"' in text
+    assert 'sidecar_requests_total{method="GET",route="saas",status_class="2xx"} 2.0' in text
+    assert 'sidecar_token_requests_total{authorization_server="dev",outcome="ok"} 1.0' in text
+    for token in stack.auth_server.issued_tokens:
+        assert token.split(".")[1] not in text

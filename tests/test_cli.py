@@ -1,0 +1,178 @@
+"""The command line: check, explain, and run with a graceful SIGTERM, as real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from sidecar.cli import main
+from sidecar.devstack.stack import SAAS_HOST, DevStack
+
+URL = f"http://{SAAS_HOST}/v1/invoices"
+
+
+def write_config(stack: DevStack, path: Path, **overrides: Any) -> Path:
+    path.write_text(yaml.safe_dump(stack.sidecar_config(**overrides)))
+    return path
+
+
+async def sidecar_cli(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sidecar",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_check_accepts_a_good_config_and_summarises_routes(
+    stack: DevStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(stack, tmp_path / "good.yaml")
+    assert main(["check", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("config OK")
+    assert f"route saas: {SAAS_HOST} -> {stack.saas.base_url} via dev" in out
+    assert "DELETE,PATCH,POST,PUT /v1/invoices/** -> invoices:write" in out
+    assert "default -> invoices:read" in out
+
+
+async def test_check_reports_every_problem_with_its_yaml_path(
+    stack: DevStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = stack.sidecar_config()
+    dest = doc["destinations"][0]
+    dest["ca_file"] = str(tmp_path / "missing-ca.pem")
+    (tmp_path / "not-a-ca.pem").write_text("hello")
+    doc["authorization_servers"]["dev"]["ca_file"] = str(tmp_path / "not-a-ca.pem")
+    rule = dest["scopes"]["rules"][0]
+    dest["scopes"]["rules"].append(dict(rule, scopes=["shadowed"]))
+    doc["authorization_servers"]["spare"] = {"issuer": "https://as.example"}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert main(["check", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "destinations[0].ca_file:" in err
+    assert "does not exist" in err
+    assert "authorization_servers.dev.ca_file:" in err
+    assert "not a PEM CA bundle" in err
+    assert "destinations[0].scopes.rules[1]: never chosen" in err
+    assert "authorization_servers.spare: not used" in err
+
+
+async def test_check_reports_schema_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "schema.yaml"
+    path.write_text("listen: 0.0.0.0:80\ndestinations: {}\n")
+    assert main(["check", "--config", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "listen:" in err
+    assert "authorization_servers:" in err
+
+
+async def test_explain_names_the_rule_and_the_scopes(
+    stack: DevStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_config(stack, tmp_path / "c.yaml")
+    assert main(["explain", "--config", str(path), "-X", "POST", f"{URL}/7"]) == 0
+    out = capsys.readouterr().out
+    assert "route          saas" in out
+    assert "scopes         invoices:write" in out
+    assert "rule 0 (DELETE,PATCH,POST,PUT /v1/invoices/** -> invoices:write)" in out
+    assert "grant client_credentials, client auth jwt_svid" in out
+    assert main(["explain", "--config", str(path), URL]) == 0
+    assert "default scopes" in capsys.readouterr().out
+    assert main(["explain", "--config", str(path), "http://other.example/"]) == 1
+    assert "destination_not_allowed" in capsys.readouterr().out
+    assert stack.auth_server.token_requests == []
+
+
+async def test_explain_fetch_prints_claims_never_the_token(stack: DevStack, tmp_path: Path) -> None:
+    path = write_config(stack, tmp_path / "c.yaml")
+    code, out, err = await sidecar_cli("explain", "--config", str(path), "--fetch", URL)
+    assert code == 0, err
+    assert f"sub          {stack.spiffe_id}" in out
+    assert "scope        invoices:read" in out
+    assert "expires in" in out
+    (token,) = stack.auth_server.issued_tokens
+    for part in token.split("."):
+        assert part not in out
+        assert part not in err
+
+
+@contextlib.asynccontextmanager
+async def running_process(config_path: Path) -> AsyncIterator[tuple[Any, dict[str, Any]]]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sidecar",
+        "run",
+        "--config",
+        str(config_path),
+        "--grace",
+        "20",
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    try:
+        while True:  # bounded by the timeout: the process logs "listening" once it serves
+            line = await asyncio.wait_for(proc.stderr.readline(), 30)
+            assert line, "the sidecar exited before listening"
+            doc = json.loads(line)
+            if doc["msg"] == "listening":
+                yield proc, doc
+                break
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_sigterm_completes_requests_in_flight_and_exits_0(
+    stack: DevStack, tmp_path: Path
+) -> None:
+    path = write_config(stack, tmp_path / "c.yaml")
+    async with running_process(path) as (proc, listening), aiohttp.ClientSession() as app:
+        proxy = f"http://{listening['proxy']}"
+        release = asyncio.Event()
+
+        async def slow_body() -> AsyncIterator[bytes]:
+            yield b'{"part": 1,'
+            await release.wait()
+            yield b' "part2": 2}'
+
+        request = asyncio.create_task(app.post(URL, data=slow_body(), proxy=proxy))
+        await asyncio.wait_for(stack.saas.started.get(), 30)  # in flight, upstream
+        proc.send_signal(signal.SIGTERM)
+        assert proc.stderr is not None
+        while True:
+            doc = json.loads(await asyncio.wait_for(proc.stderr.readline(), 30))
+            if doc["msg"] == "shutting down":
+                break
+        # New connections are refused once draining started...
+        with pytest.raises(aiohttp.ClientConnectionError):
+            async with app.get(URL, proxy=proxy):
+                pass
+        # ... and the request in flight completes.
+        release.set()
+        resp = await asyncio.wait_for(request, 30)
+        assert resp.status == 200
+        resp.release()
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    assert stack.saas.requests[-1].body_len == len(b'{"part": 1, "part2": 2}')

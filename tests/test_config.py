@@ -1,8 +1,10 @@
 """Config validation: every problem at once, each with its YAML path."""
 
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sidecar import config
 from sidecar.errors import ConfigError
@@ -126,3 +128,14 @@ def test_load_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 def test_shipped_example_config_is_valid() -> None:
     cfg = config.load(Path(__file__).parents[1] / "config" / "sidecar.yaml", env=ENV)
     assert cfg.destinations
+
+
+def test_every_recipe_in_the_config_docs_is_valid() -> None:
+    text = (Path(__file__).parents[1] / "config" / "README.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, re.S)
+    assert len(blocks) >= 5
+    for block in blocks:
+        doc = yaml.safe_load(block)
+        server = next(iter(doc["authorization_servers"]))
+        doc.setdefault("destinations", [{"host": "api.example", "authorization_server": server}])
+        config.parse(doc, env=ENV)  # raises ConfigError with every problem

@@ -23,10 +23,10 @@ class Admin:
         self._runner = web.AppRunner(app, access_log=None)
         self._started = False
 
-    async def start(self, address: Address) -> Address:
+    async def start(self, address: Address, *, reuse_port: bool = False) -> Address:
         await self._runner.setup()
         self._started = True
-        site = web.TCPSite(self._runner, address.host, address.port)
+        site = web.TCPSite(self._runner, address.host, address.port, reuse_port=reuse_port or None)
         await site.start()
         server = site._server
         sockets = getattr(server, "sockets", None)

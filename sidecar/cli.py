@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -39,6 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=20.0,
         help="seconds to finish in-flight requests on SIGTERM (default 20)",
     )
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes sharing the ports with SO_REUSEPORT (default 1); each keeps "
+        "its own token cache, so the AS sees up to N times the token requests",
+    )
+    run.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="run the sidecar end to end on the embedded dev stack")
@@ -90,14 +99,47 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 2
     logs.configure(cfg.log_level, cfg.log_format)
+    if args.workers > 1 and not args.worker:
+        return _supervise(args, cfg)
     _install_uvloop()
-    return asyncio.run(_serve(cfg, args.grace))
+    return asyncio.run(_serve(cfg, args.grace, reuse_port=args.worker))
 
 
-async def _serve(cfg: config.Config, grace: float) -> int:
+def _supervise(args: argparse.Namespace, cfg: config.Config) -> int:
+    """Start ``--workers`` processes on the same ports; forward signals; exit when they do."""
+    import subprocess
+
+    if cfg.listen.port == 0 or (cfg.admin is not None and cfg.admin.port == 0):
+        log.error("--workers needs fixed ports: port 0 would give each worker its own")
+        return 2
+    command = [sys.executable, "-m", "sidecar", "run", "--worker", "--grace", str(args.grace)]
+    if args.config:
+        command += ["--config", args.config]
+    workers = [subprocess.Popen(command) for _ in range(args.workers)]  # noqa: S603
+    log.info("workers started", extra={"workers": len(workers)})
+
+    def forward(signum: int, _frame: object) -> None:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    # The first worker to exit ends the group: a crashed worker must not leave a partial
+    # sidecar behind (the kubelet restarts the container instead).
+    pid, status = os.wait()
+    codes = [os.waitstatus_to_exitcode(status)]
+    for worker in workers:
+        if worker.pid != pid and worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+    codes += [worker.wait() for worker in workers if worker.pid != pid]
+    return max(codes, default=0)
+
+
+async def _serve(cfg: config.Config, grace: float, *, reuse_port: bool = False) -> int:
     from sidecar.runtime import Sidecar
 
-    sidecar = Sidecar(cfg, grace=grace)
+    sidecar = Sidecar(cfg, grace=grace, reuse_port=reuse_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

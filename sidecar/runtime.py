@@ -72,8 +72,10 @@ class Sidecar:
         *,
         grace: float = 20.0,
         clock: Callable[[], float] = time.monotonic,
+        reuse_port: bool = False,
     ) -> None:
         self._initial = config
+        self._reuse_port = reuse_port  # --workers: several processes share the ports
         self._clock = clock  # token lifetimes; tests pass a manual clock
         self.grace = grace
         self.snapshot: Snapshot | None = None
@@ -128,15 +130,17 @@ class Sidecar:
         self.listener = Listener(self.handle, max_header_bytes=config.max_header_bytes)
         self.admin = Admin(self)
         if config.admin is not None:
-            self.admin_address = await self.admin.start(config.admin)
+            self.admin_address = await self.admin.start(config.admin, reuse_port=self._reuse_port)
         servers = list(config.authorization_servers.values())
         if servers:
             log.info("waiting for SVID", extra={"socket": config.spiffe_socket})
             self._background.spawn(self._warm_up(), name="warm-up")
-        self.proxy_address = await self.listener.start(config.listen)
+        self.proxy_address = await self.listener.start(config.listen, reuse_port=self._reuse_port)
         for port, route in self.snapshot.routing.local_ports.items():
             address = Address(config.listen.host, port)
-            self.local_addresses[route.name] = await self.listener.start(address)
+            self.local_addresses[route.name] = await self.listener.start(
+                address, reuse_port=self._reuse_port
+            )
         if config.watch and config.source is not None:
             watcher = ConfigWatcher(config.source, config.watch_interval, self.reload)
             await watcher.baseline()  # before start() returns: no change can slip past

@@ -176,3 +176,48 @@ async def test_sigterm_completes_requests_in_flight_and_exits_0(
         resp.release()
         assert await asyncio.wait_for(proc.wait(), 30) == 0
     assert stack.saas.requests[-1].body_len == len(b'{"part": 1, "part2": 2}')
+
+
+async def test_workers_share_the_port_and_stop_together(stack: DevStack, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s1, socket.socket() as s2:  # two free ports for fixed addresses
+        s1.bind(("127.0.0.1", 0))
+        s2.bind(("127.0.0.1", 0))
+        proxy_port, admin_port = s1.getsockname()[1], s2.getsockname()[1]
+    path = write_config(
+        stack,
+        tmp_path / "c.yaml",
+        listen=f"127.0.0.1:{proxy_port}",
+        admin=f"127.0.0.1:{admin_port}",
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sidecar",
+        "run",
+        "--config",
+        str(path),
+        "--workers",
+        "2",
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    try:
+        listening = 0
+        while listening < 2:  # bounded by the timeout
+            line = await asyncio.wait_for(proc.stderr.readline(), 30)
+            assert line, "the sidecar exited early"
+            listening += json.loads(line)["msg"] == "listening"
+        async with aiohttp.ClientSession() as app:
+            for _ in range(6):
+                async with app.get(URL, proxy=f"http://127.0.0.1:{proxy_port}") as resp:
+                    assert resp.status == 200
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    # Each worker has its own token cache: at most one token request per worker.
+    assert 1 <= len(stack.auth_server.token_requests) <= 2

@@ -19,25 +19,37 @@ import aiohttp
 import pytest
 
 from sidecar import config
+from sidecar.credentials.dpop import b64url
 from sidecar.devstack.stack import DevStack, dev_stack
 from sidecar.logs import JsonFormatter, RedactingFilter
 from sidecar.runtime import Sidecar
 
 
 class LogCapture(logging.Handler):
+    """Every record, formatted twice: as production writes it (with the redacting filter) and
+    raw. Secrets are looked for in the raw text: the filter is a second line of defence, the
+    first is that no code passes a credential to a logger at all."""
+
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
         self.lines: list[str] = []
+        self.raw: list[str] = []
         self.records: list[logging.LogRecord] = []
         self.setFormatter(JsonFormatter())
-        self.addFilter(RedactingFilter())
+        self._redact = RedactingFilter()
 
     def emit(self, record: logging.LogRecord) -> None:
         self.records.append(record)
-        self.lines.append(self.format(record))
+        self.raw.append(self.format(record))
+        if record.exc_info:
+            self.raw.append(logging.Formatter().formatException(record.exc_info))
+        redacted = logging.makeLogRecord(record.__dict__)
+        self._redact.filter(redacted)
+        self.lines.append(self.format(redacted))
 
     def text(self) -> str:
-        return "\n".join(self.lines)
+        """Everything logged, raw and as written out."""
+        return "\n".join([*self.raw, *self.lines])
 
 
 @pytest.fixture(autouse=True)
@@ -75,6 +87,12 @@ async def running_sidecar(
     cfg = config.parse(stack.sidecar_config(**overrides))
     async with Sidecar(cfg, grace=5.0, clock=clock or time.monotonic) as sidecar:
         yield sidecar
+    # The DPoP private key never reaches a log either.
+    d = sidecar.dpop_key._key.private_numbers().private_value
+    private = b64url(d.to_bytes(32, "big"))
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, LogCapture):
+            assert private not in handler.text(), "the DPoP private key reached the logs"
 
 
 class ManualClock:

@@ -110,6 +110,7 @@ class DevAuthServer:
         self._kid = secrets.token_hex(8)
         self.token_requests: list[TokenRequestRecord] = []
         self.issued_tokens: list[str] = []
+        self.proofs_seen: list[str] = []  # DPoP proofs received (the suite scans logs for them)
         self.metadata_requests = 0
         self._answered = asyncio.Condition()
         self._failures: list[tuple[int, str, str | None]] = []
@@ -352,6 +353,7 @@ class DevAuthServer:
         proofs = request.headers.getall("DPoP", [])
         if len(proofs) > 1:
             raise OAuthError("invalid_dpop_proof", "more than one DPoP header")
+        self.proofs_seen.extend(proofs)
         if not proofs:
             if self.require_dpop:
                 raise OAuthError("invalid_dpop_proof", "a DPoP proof is required")

@@ -45,7 +45,13 @@ class DevStack:
 
     def secrets(self) -> list[str]:
         """Every credential the stack handed out: the suite checks none reached a log."""
-        return [*self.workload_api.jwt_svids_issued, *self.auth_server.issued_tokens]
+        proofs = [v for seen in self.saas.requests for k, v in seen.headers if k.lower() == "dpop"]
+        return [
+            *self.workload_api.jwt_svids_issued,
+            *self.auth_server.issued_tokens,
+            *self.auth_server.proofs_seen,
+            *proofs,
+        ]
 
     def sidecar_config(self, **overrides: Any) -> dict[str, Any]:
         """A sidecar config document (see config/README.md) for this stack, on free ports."""

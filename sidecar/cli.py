@@ -85,6 +85,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+def _load(path: str | None) -> config.Config | None:
+    """The validated config, or None after printing every problem to stderr."""
+    try:
+        return config.load(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return None
+
+
 def _install_uvloop() -> None:
     with contextlib.suppress(ImportError):
         import uvloop
@@ -93,10 +102,8 @@ def _install_uvloop() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    try:
-        cfg = config.load(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    cfg = _load(args.config)
+    if cfg is None:
         return 2
     logs.configure(cfg.log_level, cfg.log_format)
     if args.workers > 1 and not args.worker:
@@ -174,10 +181,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from sidecar.checks import check_config, summary
 
-    try:
-        cfg = config.load(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    cfg = _load(args.config)
+    if cfg is None:
         return 1
     problems = check_config(cfg)
     if problems:
@@ -192,10 +197,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from sidecar.checks import explain, fetch_and_describe
 
-    try:
-        cfg = config.load(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    cfg = _load(args.config)
+    if cfg is None:
         return 1
     try:
         text, resolved = explain(cfg, args.method.upper(), args.url)

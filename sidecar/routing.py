@@ -135,7 +135,7 @@ class Route:
         host = f"[{target.host}]" if ":" in target.host else target.host
         return f"https://{host}"
 
-    def scopes_for(self, method: str, path: str) -> tuple[str, ...]:
+    def _best_rule(self, method: str, path: str) -> _CompiledRule | None:
         best: _CompiledRule | None = None
         for compiled in self.rules:
             if compiled.rule.methods and method not in compiled.rule.methods:
@@ -144,8 +144,15 @@ class Route:
                 continue
             if best is None or compiled.specificity > best.specificity:
                 best = compiled
+        return best
+
+    def scopes_for(self, method: str, path: str) -> tuple[str, ...]:
+        best = self._best_rule(method, path)
         if best is not None:
             return best.rule.scopes
+        return self._default_scopes(method, path)
+
+    def _default_scopes(self, method: str, path: str) -> tuple[str, ...]:
         if self.destination.default_scopes is not None:
             return self.destination.default_scopes
         raise NoScopeRule(
@@ -163,18 +170,11 @@ class Route:
 
     def explain(self, method: str, path: str) -> tuple[tuple[str, ...], str]:
         """The scopes for a request and why: which rule (or the default) decided."""
-        best: _CompiledRule | None = None
-        for compiled in self.rules:
-            if compiled.rule.methods and method not in compiled.rule.methods:
-                continue
-            if not any(p.fullmatch(path) for p in compiled.patterns):
-                continue
-            if best is None or compiled.specificity > best.specificity:
-                best = compiled
+        best = self._best_rule(method, path)
         if best is not None:
             index = self.rules.index(best)
             return best.rule.scopes, f"rule {index} ({self.describe_rules[index]})"
-        return self.scopes_for(method, path), "no rule matches: the route's default scopes"
+        return self._default_scopes(method, path), "no rule matches: the route's default scopes"
 
     @cached_property
     def describe_rules(self) -> tuple[str, ...]:

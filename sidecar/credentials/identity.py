@@ -157,6 +157,10 @@ class WorkloadIdentity:
         if client is not None:
             await asyncio.to_thread(client.close)
 
+    async def settle(self) -> None:
+        """Wait for JWT-SVID fetches in flight (background refreshes included)."""
+        await self._flights.settle()
+
     def jwt_expiry(self) -> float | None:
         """Epoch seconds at which the soonest cached JWT-SVID expires (None: none cached)."""
         return min((s.expires_at for s in self._jwt.values()), default=None)

@@ -111,7 +111,9 @@ class DevAuthServer:
         self.token_requests: list[TokenRequestRecord] = []
         self.issued_tokens: list[str] = []
         self.proofs_seen: list[str] = []  # DPoP proofs received (the suite scans logs for them)
-        self.metadata_requests = 0
+        self.metadata_requests: list[str] = []  # well-known paths asked for, in order
+        self.rfc8414 = True  # False: serve only the OIDC discovery document, as some IdPs do
+        self.metadata_issuer: str | None = None  # set: publish a wrong issuer (mix-up tests)
         self._answered = asyncio.Condition()
         self._failures: list[tuple[int, str, str | None]] = []
         self._down = False
@@ -178,10 +180,12 @@ class DevAuthServer:
 
     # -- handlers -----------------------------------------------------------------------------
     async def _metadata(self, request: web.Request) -> web.Response:
-        self.metadata_requests += 1
+        self.metadata_requests.append(request.path)
+        if not self.rfc8414 and request.path.endswith("/oauth-authorization-server"):
+            raise web.HTTPNotFound()
         return web.json_response(
             {
-                "issuer": self.issuer,
+                "issuer": self.metadata_issuer or self.issuer,
                 "token_endpoint": self.token_endpoint,
                 "jwks_uri": f"{self.issuer}/jwks",
                 "grant_types_supported": list(GRANTS),

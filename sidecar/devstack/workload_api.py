@@ -41,6 +41,7 @@ class DevWorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         self.jwt_svid_requests: list[tuple[str, ...]] = []  # audiences asked, in order
         self._x509 = trust_domain.issue_x509_svid(spiffe_id)
         self._available = True
+        self.refused = 0  # calls turned away while unavailable
         self._changed = threading.Condition()
         self._version = 0
         self._stopping = False
@@ -83,11 +84,19 @@ class DevWorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
             self._version += 1
             self._changed.notify_all()
 
+    def wait_refused(self, count: int, timeout: float = 10.0) -> bool:
+        """Block (in a thread) until ``count`` calls were turned away while unavailable."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.refused >= count, timeout)
+
     # -- the Workload API ---------------------------------------------------------------------
     def _admit(self, context: grpc.ServicerContext) -> None:
         if _HEADER not in tuple(context.invocation_metadata() or ()):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "security header missing from request")
         if not self._available:
+            with self._changed:
+                self.refused += 1
+                self._changed.notify_all()
             context.abort(grpc.StatusCode.UNAVAILABLE, "agent unavailable (dev stack)")
 
     def FetchJWTSVID(self, request: Any, context: grpc.ServicerContext) -> Any:

@@ -242,3 +242,41 @@ def _jti(stack: DevStack) -> str:
     claims = stack.saas.requests[-1].token_claims
     assert claims is not None
     return str(claims["jti"])
+
+
+async def test_discovery_prefers_rfc8414_and_caches_the_metadata(stack: DevStack) -> None:
+    clock = ManualClock()
+    async with running_sidecar(stack, clock=clock) as sidecar, AppClient(sidecar) as app:
+        assert (await app.request("GET", URL))[0] == 200
+        assert (await app.request("POST", URL, data=b"{}"))[0] == 200  # a second token
+        assert stack.auth_server.metadata_requests == ["/.well-known/oauth-authorization-server"]
+        clock.advance(3600 + 1)  # metadata is refreshed hourly (with the next token request)
+        assert (await app.request("GET", URL))[0] == 200
+    assert len(stack.auth_server.token_requests) == 3
+    assert len(stack.auth_server.metadata_requests) == 2
+
+
+async def test_discovery_falls_back_to_openid_configuration(stack: DevStack) -> None:
+    stack.auth_server.rfc8414 = False
+    status, body = await get(stack)
+    assert status == 200, body
+    assert stack.auth_server.metadata_requests == [
+        "/.well-known/oauth-authorization-server",
+        "/.well-known/openid-configuration",
+    ]
+
+
+async def test_metadata_naming_another_issuer_is_refused(stack: DevStack) -> None:
+    stack.auth_server.metadata_issuer = "https://attacker.example"
+    status, body = await get(stack)
+    assert status == 502
+    assert "different issuer" in json.loads(body)["detail"]
+    assert stack.auth_server.token_requests == []  # no credential was sent anywhere
+    assert stack.saas.requests == []
+
+
+async def test_an_explicit_token_endpoint_skips_discovery(stack: DevStack) -> None:
+    endpoint = stack.auth_server.token_endpoint
+    status, body = await get(stack, authorization_server={"token_endpoint": endpoint})
+    assert status == 200, body
+    assert stack.auth_server.metadata_requests == []

@@ -1,9 +1,8 @@
 """Interop with a real third-party authorization server: oidc-provider on Node.js.
 
-Everything the sidecar does here it does against code we did not write: OIDC discovery (the
-provider publishes no RFC 8414 document, so the OIDC fallback is exercised), RFC 8705
-``tls_client_auth`` matched on the SPIFFE ID in the X.509-SVID, RFC 9449 DPoP with server
-nonces required, RFC 8707 resource indicators issuing RFC 9068 JWT access tokens, and an
+Everything the sidecar does here it does against code we did not write: metadata discovery,
+RFC 8705 ``tls_client_auth`` matched on the SPIFFE ID in the X.509-SVID, RFC 9449 DPoP with
+server nonces required, RFC 8707 resource indicators issuing RFC 9068 JWT access tokens, and an
 RFC 8693 token exchange with the JWT-SVID as subject token. The protected API is the dev SaaS
 API, trusting the provider's signing keys.
 """

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.set_defaults(func=cmd_explain)
 
+    from sidecar.kube.commands import register
+
+    register(sub)  # inject, webhook
     return parser
 
 

@@ -24,6 +24,9 @@ from sidecar.errors import ConfigError
 
 ENV_CONFIG = "SIDECAR_CONFIG"
 ENV_SPIFFE_SOCKET = "SPIFFE_ENDPOINT_SOCKET"
+# Per-pod overrides of the shared ConfigMap's ports (``sidecar inject`` sets them).
+ENV_LISTEN = "SIDECAR_LISTEN"
+ENV_ADMIN = "SIDECAR_ADMIN"
 
 ClientAuth = Literal["jwt_svid", "jwt_bearer", "mtls", "client_secret", "none"]
 Grant = Literal["client_credentials", "token_exchange", "jwt_bearer"]
@@ -241,14 +244,19 @@ def _host_pattern(value: str) -> str | None:
     return None
 
 
-def _address(node: _Node, key: str, default: str | None) -> Address | None:
-    text = node.get(key, str, default)
+def _address(
+    node: _Node, key: str, default: str | None, env: tuple[str, str | None] = ("", None)
+) -> Address | None:
+    """``host:port`` from the document, unless the environment variable ``env`` overrides it."""
+    variable, override = env
+    text = override if override else node.get(key, str, default)
     if text is None:
         return None
     host, sep, port_text = text.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        node.child(key).problem(f"must be host:port, got {text!r}")
+        where = f"(from ${variable}) " if override else ""
+        node.child(key).problem(f"{where}must be host:port, got {text!r}")
         return None
     return Address(host, int(port_text))
 
@@ -494,13 +502,17 @@ def _parse(root: _Node, source: Path | None, env: Mapping[str, str], base: Path)
         }
     ):
         raise ConfigError(problems)
-    listen = _address(root, "listen", "127.0.0.1:15001")
-    admin = _address(root, "admin", "127.0.0.1:15000")
-    for key, addr, flag in (
-        ("listen", listen, "allow_non_loopback"),
-        ("admin", admin, "allow_non_loopback_admin"),
+    listen = _address(root, "listen", "127.0.0.1:15001", (ENV_LISTEN, env.get(ENV_LISTEN)))
+    admin = _address(root, "admin", "127.0.0.1:15000", (ENV_ADMIN, env.get(ENV_ADMIN)))
+    # The admin port serves health and metrics, never a credential: an address set for it in
+    # the pod spec ($SIDECAR_ADMIN, so the kubelet can probe it) is an explicit choice. The
+    # proxy port is the pod's identity: only the config file's flag opens it.
+    admin_opted_in = bool(env.get(ENV_ADMIN))
+    for key, addr, flag, opted_in in (
+        ("listen", listen, "allow_non_loopback", False),
+        ("admin", admin, "allow_non_loopback_admin", admin_opted_in),
     ):
-        if addr and not addr.is_loopback and not root.get(flag, bool, False):
+        if addr and not addr.is_loopback and not opted_in and not root.get(flag, bool, False):
             root.child(key).problem(
                 f"{addr} is not a loopback address; the proxy would be reachable from outside "
                 f"the pod. Set {flag}: true if that is really intended"

@@ -38,9 +38,9 @@ def minimal(**overrides: object) -> dict[str, object]:
     return doc
 
 
-def problems(doc: object) -> list[str]:
+def problems(doc: object, env: dict[str, str] = ENV) -> list[str]:
     with pytest.raises(ConfigError) as info:
-        config.parse(doc, env=ENV)
+        config.parse(doc, env=env)
     return list(info.value.problems)
 
 
@@ -139,3 +139,16 @@ def test_every_recipe_in_the_config_docs_is_valid() -> None:
         server = next(iter(doc["authorization_servers"]))
         doc.setdefault("destinations", [{"host": "api.example", "authorization_server": server}])
         config.parse(doc, env=ENV)  # raises ConfigError with every problem
+
+
+def test_ports_can_be_overridden_per_pod_from_the_environment() -> None:
+    env = {**ENV, "SIDECAR_LISTEN": "127.0.0.1:16001", "SIDECAR_ADMIN": "127.0.0.1:16000"}
+    cfg = config.parse(minimal(listen="127.0.0.1:15001"), env=env)
+    assert (cfg.listen.port, cfg.admin.port) == (16001, 16000)
+    found = problems(minimal(), env={**ENV, "SIDECAR_LISTEN": "0.0.0.0:80"})
+    assert any(p.startswith("listen:") and "not a loopback" in p for p in found)
+    # The admin address from the pod spec may be the pod IP (kubelet probes); the proxy's may not.
+    cfg = config.parse(minimal(), env={**ENV, "SIDECAR_ADMIN": "0.0.0.0:15000"})
+    assert cfg.admin.port == 15000
+    found = problems(minimal(), env={**ENV, "SIDECAR_ADMIN": "nonsense"})
+    assert "admin: (from $SIDECAR_ADMIN) must be host:port, got 'nonsense'" in found

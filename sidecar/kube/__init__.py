@@ -1,0 +1,1 @@
+"""Kubernetes: put the sidecar into pod specs (``sidecar inject``, ``sidecar webhook``)."""

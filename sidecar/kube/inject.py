@@ -1,0 +1,305 @@
+"""Add the sidecar to Kubernetes workloads: one pure mutation shared by ``inject`` and the webhook.
+
+The sidecar runs as a native sidecar (an init container with ``restartPolicy: Always``,
+Kubernetes >= 1.29): it starts before the app, keeps running beside it, and stops after it.
+Injection is idempotent: what it adds is identified by name and replaced in place, so running
+it twice (or the webhook being reinvoked) changes nothing.
+
+Per-workload annotations (on the pod template, or on the workload itself) tune the result; see
+:data:`ANNOTATIONS`. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from sidecar import __version__
+
+PREFIX = "spiffe-oauth-sidecar.io/"
+CONTAINER = "spiffe-oauth-sidecar"
+IMAGE = f"ghcr.io/spiffe-oauth-sidecar/sidecar:{__version__}"
+CONFIG_MAP = "spiffe-oauth-sidecar"
+
+SPIFFE_VOLUME = "spiffe-workload-api"
+SPIFFE_DIR = "/spiffe-workload-api"
+SPIFFE_SOCKET = f"unix://{SPIFFE_DIR}/spire-agent.sock"
+CONFIG_VOLUME = "spiffe-oauth-sidecar-config"
+CONFIG_DIR = "/etc/sidecar"
+TMP_VOLUME = "spiffe-oauth-sidecar-tmp"
+RUN_AS = 65532  # the image's numeric non-root user
+
+# Names the app must reach directly, never through the proxy: loopback and in-cluster services.
+NO_PROXY = "localhost,127.0.0.1,::1,.svc,.svc.cluster.local,.cluster.local,kubernetes.default"
+
+ANNOTATIONS = {
+    "inject": '"false" to leave this workload alone',
+    "config-map": f"ConfigMap holding sidecar.yaml (default {CONFIG_MAP})",
+    "port": "proxy port on 127.0.0.1 the app's HTTP_PROXY points at (default 15001)",
+    "admin-port": "port of /healthz, /readyz and /metrics on the pod IP (default 15000)",
+    "image": "sidecar image (default the release matching this injector)",
+    "cpu-request": "CPU request (default 50m)",
+    "memory-request": "memory request (default 64Mi)",
+    "memory-limit": "memory limit (default 128Mi)",
+}
+
+# Kind -> path to the pod template's (metadata, spec) parent; "" is the object itself (Pod).
+POD_PATHS: dict[str, tuple[str, ...]] = {
+    "Pod": (),
+    "Deployment": ("spec", "template"),
+    "StatefulSet": ("spec", "template"),
+    "DaemonSet": ("spec", "template"),
+    "ReplicaSet": ("spec", "template"),
+    "Job": ("spec", "template"),
+    "CronJob": ("spec", "jobTemplate", "spec", "template"),
+}
+
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$")
+
+
+class InjectError(ValueError):
+    """The input cannot be injected safely; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class Options:
+    enabled: bool = True
+    config_map: str = CONFIG_MAP
+    port: int = 15001
+    admin_port: int = 15000
+    image: str = IMAGE
+    cpu_request: str = "50m"
+    memory_request: str = "64Mi"
+    memory_limit: str = "128Mi"
+
+    def with_annotations(self, annotations: Mapping[str, Any]) -> Options:
+        """These options, overridden by the ``spiffe-oauth-sidecar.io/*`` annotations."""
+        ours = {k[len(PREFIX) :]: v for k, v in annotations.items() if k.startswith(PREFIX)}
+        unknown = sorted(set(ours) - set(ANNOTATIONS))
+        if unknown:
+            raise InjectError(
+                f"unknown annotation {PREFIX}{unknown[0]} (known: "
+                + ", ".join(PREFIX + k for k in ANNOTATIONS)
+                + ")"
+            )
+        changes: dict[str, Any] = {}
+        for key, raw in ours.items():
+            value = str(raw).strip()
+            where = f"annotation {PREFIX}{key}={value!r}"
+            if key == "inject":
+                if value.lower() not in ("true", "false", "enabled", "disabled"):
+                    raise InjectError(f"{where}: must be true or false")
+                changes["enabled"] = value.lower() in ("true", "enabled")
+            elif key == "config-map":
+                if not _DNS_LABEL.match(value):
+                    raise InjectError(f"{where}: must be a ConfigMap name (DNS label)")
+                changes["config_map"] = value
+            elif key in ("port", "admin-port"):
+                if not value.isdigit() or not 1 <= int(value) <= 65535:
+                    raise InjectError(f"{where}: must be a port number 1-65535")
+                changes[key.replace("-", "_")] = int(value)
+            elif key == "image":
+                if not _IMAGE.match(value):
+                    raise InjectError(f"{where}: must be an image reference")
+                changes["image"] = value
+            else:
+                if not _QUANTITY.match(value):
+                    raise InjectError(
+                        f"{where}: must be a Kubernetes quantity such as 100m or 64Mi"
+                    )
+                changes[key.replace("-", "_")] = value
+        options = replace(self, **changes)
+        if options.port == options.admin_port:
+            raise InjectError("the proxy port and the admin port must differ")
+        return options
+
+
+DEFAULTS = Options()
+
+
+# -- documents -----------------------------------------------------------------------------------
+
+
+def inject_documents(documents: Iterable[Any], options: Options = DEFAULTS) -> list[Any]:
+    """Inject every workload in a multi-document stream; other documents pass through as-is."""
+    out = []
+    for index, doc in enumerate(documents, 1):
+        if doc is None:  # an empty document (a stray ``---``)
+            continue
+        try:
+            out.append(inject_object(doc, options))
+        except InjectError as exc:
+            raise InjectError(f"document {index}{_describe(doc)}: {exc}") from None
+    return out
+
+
+def inject_object(obj: Any, options: Options = DEFAULTS) -> Any:
+    """A copy of one Kubernetes object with the sidecar added (if it holds a pod template)."""
+    if not isinstance(obj, dict):
+        raise InjectError("is not a Kubernetes object (expected a mapping)")
+    kind = obj.get("kind")
+    if kind == "List" or (isinstance(kind, str) and kind.endswith("List") and "items" in obj):
+        items = obj.get("items")
+        if not isinstance(items, list):
+            raise InjectError("a List needs an items sequence")
+        result = copy.deepcopy(obj)
+        result["items"] = [inject_object(item, options) for item in items]
+        return result
+    if kind not in POD_PATHS:
+        return obj  # Services, ConfigMaps, CRDs ...: untouched
+    result = copy.deepcopy(obj)
+    template: Any = result
+    for step in POD_PATHS[kind]:
+        template = template.get(step) if isinstance(template, dict) else None
+        if not isinstance(template, dict):
+            raise InjectError(f"{'.'.join(POD_PATHS[kind])} is missing or not a mapping")
+    if not isinstance(template, dict) or not isinstance(template.get("spec"), dict):
+        path = ".".join((*POD_PATHS[kind], "spec"))
+        raise InjectError(f"{path} is missing or not a mapping")
+    annotations = {
+        **_annotations(result),
+        **(_annotations(template) if template is not result else {}),
+    }
+    chosen = options.with_annotations(annotations)
+    if chosen.enabled:
+        inject_pod_spec(template["spec"], chosen)
+    return result
+
+
+def _annotations(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    metadata = obj.get("metadata")
+    annotations = metadata.get("annotations") if isinstance(metadata, dict) else None
+    if annotations is None:
+        return {}
+    if not isinstance(annotations, dict):
+        raise InjectError("metadata.annotations must be a mapping")
+    return annotations
+
+
+def _describe(doc: Any) -> str:
+    if not isinstance(doc, dict):
+        return ""
+    metadata = doc.get("metadata")
+    if not isinstance(metadata, dict):
+        metadata = {}
+    name = metadata.get("name") or metadata.get("generateName") or "?"
+    return f" ({doc.get('kind', '?')} {name})"
+
+
+# -- the pod spec ----------------------------------------------------------------------------------
+
+
+def inject_pod_spec(spec: dict[str, Any], options: Options) -> None:
+    """Add (or bring up to date) the sidecar, its volumes and the app's proxy variables."""
+    if spec.get("hostNetwork"):
+        raise InjectError(
+            "hostNetwork pods share the node's loopback: the proxy port would be reachable by "
+            "every hostNetwork pod on the node, so they are not injected"
+        )
+    containers = _named_list(spec, "containers")
+    if not containers:
+        raise InjectError("the pod has no containers")
+    if any(c.get("name") == CONTAINER for c in containers):
+        raise InjectError(
+            f"a container named {CONTAINER} is already among the app containers; remove it "
+            "(the sidecar runs as a native sidecar init container)"
+        )
+    _upsert(_named_list(spec, "initContainers"), sidecar_container(options), first=True)
+    volumes = _named_list(spec, "volumes")
+    for volume in sidecar_volumes(options):
+        _upsert(volumes, volume)
+    for container in containers:
+        env = _named_list(container, "env")
+        for var in proxy_env(options):
+            _upsert(env, var)
+
+
+def sidecar_container(options: Options) -> dict[str, Any]:
+    def probe(path: str, **timing: int) -> dict[str, Any]:
+        return {"httpGet": {"path": path, "port": "sidecar-admin"}, **timing}
+
+    return {
+        "name": CONTAINER,
+        "image": options.image,
+        "imagePullPolicy": "IfNotPresent",
+        "args": ["run"],
+        "restartPolicy": "Always",  # a native sidecar
+        "env": [
+            {"name": "SPIFFE_ENDPOINT_SOCKET", "value": SPIFFE_SOCKET},
+            {"name": "SIDECAR_CONFIG", "value": f"{CONFIG_DIR}/sidecar.yaml"},
+            {"name": "SIDECAR_LISTEN", "value": f"127.0.0.1:{options.port}"},
+            {"name": "SIDECAR_ADMIN", "value": f"0.0.0.0:{options.admin_port}"},
+        ],
+        "ports": [
+            {"name": "sidecar-proxy", "containerPort": options.port, "protocol": "TCP"},
+            {"name": "sidecar-admin", "containerPort": options.admin_port, "protocol": "TCP"},
+        ],
+        # The kubelet probes the pod IP, and Prometheus scrapes it: the admin port (health and
+        # metrics, never a credential) listens on the pod IP; the proxy stays on loopback.
+        "startupProbe": probe("/healthz", periodSeconds=1, failureThreshold=60),
+        "readinessProbe": probe("/readyz", periodSeconds=5, failureThreshold=2),
+        "livenessProbe": probe("/healthz", periodSeconds=10, failureThreshold=3),
+        "resources": {
+            "requests": {"cpu": options.cpu_request, "memory": options.memory_request},
+            "limits": {"memory": options.memory_limit},
+        },
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [
+            {"name": SPIFFE_VOLUME, "mountPath": SPIFFE_DIR, "readOnly": True},
+            {"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": TMP_VOLUME, "mountPath": "/tmp"},  # noqa: S108 - a private emptyDir
+        ],
+    }
+
+
+def sidecar_volumes(options: Options) -> list[dict[str, Any]]:
+    return [
+        {"name": SPIFFE_VOLUME, "csi": {"driver": "csi.spiffe.io", "readOnly": True}},
+        {"name": CONFIG_VOLUME, "configMap": {"name": options.config_map}},
+        {"name": TMP_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
+    ]
+
+
+def proxy_env(options: Options) -> list[dict[str, Any]]:
+    proxy = f"http://127.0.0.1:{options.port}"
+    return [
+        {"name": "HTTP_PROXY", "value": proxy},
+        {"name": "http_proxy", "value": proxy},
+        {"name": "NO_PROXY", "value": NO_PROXY},
+        {"name": "no_proxy", "value": NO_PROXY},
+    ]
+
+
+def _named_list(parent: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    items = parent.get(key)
+    if items is None:
+        items = parent[key] = []
+    if not isinstance(items, list) or not all(
+        isinstance(i, dict) and isinstance(i.get("name"), str) for i in items
+    ):
+        raise InjectError(f"{key} must be a list of named entries")
+    return items
+
+
+def _upsert(items: list[dict[str, Any]], item: dict[str, Any], *, first: bool = False) -> None:
+    for index, existing in enumerate(items):
+        if existing.get("name") == item["name"]:
+            items[index] = item
+            return
+    if first:
+        items.insert(0, item)
+    else:
+        items.append(item)

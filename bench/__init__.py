@@ -1,0 +1,1 @@
+"""Benchmarks: ``make bench`` (``python -m bench``) and ``python -m bench.micro``."""

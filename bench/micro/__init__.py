@@ -1,0 +1,1 @@
+"""Micro-benchmarks of the per-request pure code: ``python -m bench.micro``."""

@@ -1,0 +1,3 @@
+from bench.micro.run import main
+
+raise SystemExit(main())

@@ -1,0 +1,598 @@
+"""``make bench``: the sidecar next to what users would otherwise run, on loopback.
+
+Configurations (interleaved, repeated, medians and ranges reported):
+
+  a  direct     the load generator to the HTTPS origin
+  b  nginx      nginx as a reverse proxy adding a static Authorization header, TLS and
+                keep-alive to the origin: the "C proxy" baseline
+  c  bearer     the sidecar, Bearer route, warm token cache
+  d  dpop       the sidecar, DPoP route, a fresh ES256 proof per request, warm cache
+  e  dpop x2    (d) with ``--workers 2`` (SO_REUSEPORT)
+
+Two load shapes: saturation (32 connections) and paced (~1,000 req/s over 16 connections, the
+way Istio measures added latency). The proxy's CPU is read from /proc for its own pids.
+
+The origin is nginx (Debian's package) when available, else an aiohttp origin; the load
+generator is wrk with ``bench/proxy.lua``, else ``bench.load`` (Python). With
+``--install`` (the default when run as root) missing tools are installed with apt-get.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+from sidecar.devstack.auth_server import DevAuthServer
+from sidecar.devstack.stack import SAAS_HOST, DevStack, dev_stack
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+BODY = json.dumps({"id": "inv_0001", "status": "paid", "amount": 4200, "pad": "x" * 140})
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+TARGETS = {  # issue 7: what "good" means, per configuration
+    "bearer": ("cpu_us", 45.0),
+    "dpop": ("cpu_us", 100.0),
+}
+
+
+# -- /proc ---------------------------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(c) for c in f.read().split()]
+    return found
+
+
+def process_tree(pid: int) -> list[int]:
+    pids, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        pids.append(current)
+        todo += _children(current)
+    return pids
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / CLK_TCK
+
+
+def peak_rss_mb(pids: list[int]) -> float:
+    """The largest peak RSS (VmHWM) among the pids: per process, as the target is per worker."""
+    peak = 0
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]))
+    return peak / 1024
+
+
+# -- tools ---------------------------------------------------------------------------------------
+
+
+def ensure_tools(install: bool) -> dict[str, str | None]:
+    tools = {name: shutil.which(name) or _sbin(name) for name in ("nginx", "wrk")}
+    missing = [name for name, path in tools.items() if path is None]
+    if missing and install and shutil.which("apt-get"):
+        packages = ["nginx-light" if m == "nginx" else m for m in missing]
+        print(f"installing {' '.join(packages)} with apt-get ...", flush=True)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install_cmd = ["apt-get", "install", "-y", "-q", *packages]
+        done = subprocess.run(install_cmd, env=env, check=False, timeout=300, capture_output=True)
+        if done.returncode != 0:  # a fresh machine: the package lists may be missing or stale
+            subprocess.run(["apt-get", "update", "-q"], env=env, check=False, timeout=300)
+            subprocess.run(install_cmd, env=env, check=False, timeout=300, capture_output=True)
+        tools = {name: shutil.which(name) or _sbin(name) for name in ("nginx", "wrk")}
+    return tools
+
+
+def _sbin(name: str) -> str | None:
+    path = Path("/usr/sbin") / name
+    return str(path) if path.exists() else None
+
+
+# -- servers -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Nginx:
+    binary: str
+    directory: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self, server_block: str, upstreams: str = "") -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        conf = self.directory / "nginx.conf"
+        conf.write_text(
+            f"""
+worker_processes 1;
+daemon off;
+pid {self.directory}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {self.directory}/body;
+  proxy_temp_path {self.directory}/proxy;
+  fastcgi_temp_path {self.directory}/fastcgi;
+  uwsgi_temp_path {self.directory}/uwsgi;
+  scgi_temp_path {self.directory}/scgi;
+  keepalive_requests 1000000;
+  keepalive_timeout 120s;
+  {upstreams}
+  {server_block}
+}}
+"""
+        )
+        self.process = subprocess.Popen(
+            [self.binary, "-p", str(self.directory), "-c", str(conf)],
+            stderr=subprocess.DEVNULL,
+        )
+
+    def pids(self) -> list[int]:
+        return process_tree(self.process.pid) if self.process else []
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+@dataclass
+class Origin:
+    url: str
+    kind: str
+    stop: Any
+
+
+async def start_origin(stack: DevStack, work: Path, nginx: str | None) -> Origin:
+    tls = stack.ca.issue_server("localhost", "127.0.0.1")
+    cert, key = tls.write(work, "origin")
+    for path in (cert, key):
+        path.chmod(0o644)  # nginx workers may run as another user; a throwaway bench key
+    port = _free_port()
+    if nginx:
+        server = Nginx(nginx, work / "nginx-origin")
+        body = BODY.replace("'", "")
+        server.start(
+            f"""server {{
+    listen 127.0.0.1:{port} ssl;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    location / {{ default_type application/json; return 200 '{body}'; }}
+  }}"""
+        )
+        await _wait_port(port)
+        return Origin(f"https://127.0.0.1:{port}", "nginx", server.stop)
+    from aiohttp import web
+
+    async def handle(request: web.BaseRequest) -> web.Response:
+        return web.Response(text=BODY, content_type="application/json")
+
+    runner = web.ServerRunner(web.Server(handle), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=tls.server_context()).start()
+    return Origin(f"https://127.0.0.1:{port}", "aiohttp", lambda: None)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.02)
+            continue
+        writer.close()
+        return
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+@dataclass
+class Proxy:
+    name: str
+    label: str
+    address: str | None  # host:port of the proxy; None: direct
+    pids: Any = lambda: []
+    token_requests: Any = lambda: 0
+    ready_ms: float | None = None
+    stop: Any = lambda: None
+
+
+@contextlib.asynccontextmanager
+async def sidecar_proxy(
+    name: str, label: str, stack: DevStack, origin: Origin, work: Path, *, dpop: bool, workers: int
+) -> AsyncIterator[Proxy]:
+    tls = stack.ca.issue_server("localhost", "127.0.0.1")
+    as_tls = tls.server_context(client_ca_pem=stack.trust_domain.x509_bundle_pem)
+    async with DevAuthServer(
+        trust_jwks=stack.trust_domain.jwks,
+        ssl_context=as_tls,
+        token_ttl=3600,
+        require_dpop=dpop,
+        issue_bearer=not dpop,
+    ) as auth:
+        listen, admin = _free_port(), _free_port()
+        doc = stack.sidecar_config(
+            authorization_server={"issuer": auth.issuer, "dpop": dpop},
+            destination={"upstream": origin.url, "token_type": "dpop" if dpop else "bearer"},
+            listen=f"127.0.0.1:{listen}",
+            admin=f"127.0.0.1:{admin}",
+            log={"level": "warning"},
+            tokens={"prefetch": True},  # readiness waits for a token per route
+        )
+        path = work / f"sidecar-{name}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sidecar",
+                "run",
+                "--config",
+                str(path),
+                "--workers",
+                str(workers),
+            ],
+            stderr=(work / f"sidecar-{name}.log").open("wb"),
+        )
+        try:
+            try:
+                ready = await _wait_ready(admin)
+            except RuntimeError:
+                tail = (work / f"sidecar-{name}.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"sidecar {name} did not become ready:\n{tail}") from None
+            proxy = Proxy(
+                name,
+                label,
+                f"127.0.0.1:{listen}",
+                pids=lambda: process_tree(process.pid),
+                token_requests=lambda: len(auth.token_requests),
+                ready_ms=(ready - started) * 1000,
+            )
+            # Warm the token cache (and, with workers, every worker's: keep asking a while).
+            async with aiohttp.ClientSession() as session:
+                for _ in range(20 * workers):
+                    async with session.get(
+                        f"http://{SAAS_HOST}/v1/invoices", proxy=f"http://127.0.0.1:{listen}"
+                    ) as resp:
+                        await resp.read()
+                        if resp.status != 200:
+                            raise RuntimeError(f"sidecar {name}: warm-up got HTTP {resp.status}")
+            yield proxy
+        finally:
+            process.terminate()
+            await asyncio.to_thread(process.wait, 30)
+
+
+async def _wait_ready(admin: int, timeout: float = 30.0) -> float:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                async with session.get(f"http://127.0.0.1:{admin}/readyz") as resp:
+                    if resp.status == 200:
+                        return time.perf_counter()
+            await asyncio.sleep(0.01)
+    raise RuntimeError("the sidecar did not become ready")
+
+
+def nginx_proxy(binary: str, origin: Origin, stack: DevStack, work: Path) -> Proxy:
+    port = _free_port()
+    server = Nginx(binary, work / "nginx-proxy")
+    ca = work / "dev-ca.pem"
+    ca.write_bytes(stack.ca_file.read_bytes())
+    ca.chmod(0o644)
+    origin_port = origin.url.rpartition(":")[2]
+    server.start(
+        f"""server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass https://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host {SAAS_HOST};
+      proxy_set_header Authorization "Bearer static-benchmark-token";
+      proxy_ssl_verify on;
+      proxy_ssl_trusted_certificate {ca};
+      proxy_ssl_name localhost;
+      proxy_ssl_server_name on;
+      proxy_ssl_session_reuse on;
+    }}
+  }}""",
+        upstreams=f"upstream origin {{ server 127.0.0.1:{origin_port}; keepalive 64; }}",
+    )
+    label = "(b) nginx + static header"
+    return Proxy("nginx", label, f"127.0.0.1:{port}", pids=server.pids, stop=server.stop)
+
+
+# -- load ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Shape:
+    name: str
+    connections: int
+    delay_ms: float  # per connection; 0 = as fast as possible
+
+
+SHAPES = (Shape("saturation", 32, 0.0), Shape("paced", 16, 16.0))  # 16 x 1000/16 ms ~ 1000/s
+
+
+async def generate(
+    wrk: str | None, proxy: Proxy, origin: Origin, shape: Shape, duration: float
+) -> dict[str, Any]:
+    env = dict(os.environ)
+    if proxy.address is None:
+        url = f"{origin.url}/v1/invoices"
+        env["BENCH_TARGET"] = ""
+    else:
+        url = f"http://{proxy.address}/"
+        env["BENCH_TARGET"] = f"http://{SAAS_HOST}/v1/invoices"
+        env["BENCH_HOST"] = SAAS_HOST
+    env["BENCH_DELAY_MS"] = str(int(shape.delay_ms))
+    if wrk:
+        command = [
+            wrk, "-t1", f"-c{shape.connections}", f"-d{duration:g}s", "--timeout", "5s",
+            "-s", str(HERE / "proxy.lua"), url,
+        ]  # fmt: skip
+    else:
+        command = [
+            sys.executable, "-m", "bench.load",
+            f"http://{SAAS_HOST}/v1/invoices" if proxy.address else url,
+            "--connections", str(shape.connections), "--duration", str(duration),
+            "--delay-ms", str(shape.delay_ms),
+        ]  # fmt: skip
+        if proxy.address:
+            command += ["--proxy", f"http://{proxy.address}"]
+    pids = proxy.pids()
+    cpu_before = cpu_seconds(pids)
+    tokens_before = proxy.token_requests()
+    process = await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        env=env, cwd=HERE.parent,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(process.communicate(), duration + 60)
+    cpu = cpu_seconds(proxy.pids()) - cpu_before
+    lines = out.decode().splitlines()
+    line = next((text for text in lines if text.startswith("BENCH_RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"{proxy.name}/{shape.name}: the load generator printed no result")
+    result: dict[str, Any] = json.loads(line.partition(" ")[2])
+    seconds = result["duration_us"] / 1e6
+    rps = result["requests"] / seconds if seconds else 0.0
+    result.update(
+        rps=rps,
+        cpu_us=(cpu * 1e6 / result["requests"]) if proxy.address and result["requests"] else None,
+        vcpu_per_krps=(cpu / seconds) / (rps / 1000) if proxy.address and rps else None,
+        rss_mb=peak_rss_mb(proxy.pids()) if proxy.address else None,
+        token_requests=proxy.token_requests() - tokens_before,
+    )
+    return result
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Samples:
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    def values(self, key: str) -> list[float]:
+        return [r[key] for r in self.runs if r.get(key) is not None]
+
+    def median(self, key: str) -> float | None:
+        values = self.values(key)
+        return statistics.median(values) if values else None
+
+    def cell(self, key: str, scale: float = 1.0, digits: int = 0) -> str:
+        values = self.values(key)
+        if not values:
+            return "–"
+        med = statistics.median(values) * scale
+        lo, hi = min(values) * scale, max(values) * scale
+        if len(values) == 1:
+            return f"{med:.{digits}f}"
+        return f"{med:.{digits}f} ({lo:.{digits}f}–{hi:.{digits}f})"
+
+
+def report(
+    proxies: list[Proxy],
+    samples: dict[tuple[str, str], Samples],
+    meta: dict[str, Any],
+) -> str:
+    lines = [
+        f"Run {meta['date']} on {meta['machine']}; origin: {meta['origin']}; load: "
+        f"{meta['loader']}; {meta['rounds']} rounds x {meta['duration']:g} s per cell, "
+        "interleaved. Medians with (min–max).",
+        "",
+        "**Saturation** (32 connections)",
+        "",
+        "| configuration | req/s | p50 ms | p99 ms | proxy CPU µs/req | vCPU per 1k req/s | "
+        "CPU × nginx | peak RSS MB | token requests |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = samples.get(("nginx", "saturation"))
+    base_cpu = base.median("cpu_us") if base else None
+    for proxy in proxies:
+        s = samples[(proxy.name, "saturation")]
+        cpu = s.median("cpu_us")
+        ratio = f"{cpu / base_cpu:.1f}×" if cpu and base_cpu else "–"
+        lines.append(
+            f"| {proxy.label} | {s.cell('rps')} | {s.cell('p50_us', 1e-3, 2)} | "
+            f"{s.cell('p99_us', 1e-3, 2)} | {s.cell('cpu_us')} | {s.cell('vcpu_per_krps', 1, 3)} | "
+            f"{ratio} | {s.cell('rss_mb')} | {sum(s.values('token_requests')):.0f} |"
+        )
+    lines += [
+        "",
+        "**Paced** (~1,000 req/s over 16 connections): latency added over direct",
+        "",
+        "| configuration | req/s | p50 ms | p90 ms | p99 ms | added p50 ms | added p99 ms | "
+        "proxy CPU µs/req | vCPU per 1k req/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    direct = samples.get(("direct", "paced"))
+    for proxy in proxies:
+        s = samples[(proxy.name, "paced")]
+        added = []
+        for key in ("p50_us", "p99_us"):
+            mine, theirs = s.median(key), direct.median(key) if direct else None
+            added.append(f"{(mine - theirs) / 1000:+.2f}" if mine and theirs else "–")
+        lines.append(
+            f"| {proxy.label} | {s.cell('rps')} | {s.cell('p50_us', 1e-3, 2)} | "
+            f"{s.cell('p90_us', 1e-3, 2)} | {s.cell('p99_us', 1e-3, 2)} | {added[0]} | "
+            f"{added[1]} | {s.cell('cpu_us')} | {s.cell('vcpu_per_krps', 1, 3)} |"
+        )
+    ready = [f"{p.label}: {p.ready_ms:.0f} ms" for p in proxies if p.ready_ms is not None]
+    lines += ["", "Process start to ready (imports, SVID, first token): " + "; ".join(ready)]
+    one = samples.get(("dpop", "saturation"))
+    two = samples.get(("dpop2", "saturation"))
+    if one and two and one.median("rps") and two.median("rps"):
+        lines.append(
+            f"`--workers 2` throughput: {two.median('rps') / one.median('rps'):.2f}× one worker."
+        )
+    lines += ["", "Targets (issue 7):", ""]
+    for name, (key, limit) in TARGETS.items():
+        s = samples.get((name, "saturation"))
+        value = s.median(key) if s else None
+        if value is not None:
+            verdict = (
+                "met"
+                if value <= limit
+                else f"missed by {value - limit:.0f} µs ({value / limit:.1f}×)"
+            )
+            lines.append(
+                f"- {name}: {value:.0f} µs CPU/request, target ≤ {limit:.0f} µs — {verdict}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+
+async def bench(args: argparse.Namespace) -> str:
+    tools = ensure_tools(args.install)
+    wrk = None if args.python_load else tools["wrk"]
+    nginx = None if args.aiohttp_origin else tools["nginx"]
+    with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp:
+        work = Path(tmp)
+        work.chmod(0o755)
+        async with dev_stack(work) as stack, contextlib.AsyncExitStack() as stack_exit:
+            origin = await start_origin(stack, work, nginx)
+            stack_exit.callback(origin.stop)
+            proxies = [Proxy("direct", "(a) direct to origin", None)]
+            if nginx:
+                proxies.append(nginx_proxy(nginx, origin, stack, work))
+                stack_exit.callback(proxies[-1].stop)
+                await _wait_port(int(proxies[-1].address.rpartition(":")[2]))  # type: ignore[union-attr]
+            for name, label, dpop, workers in (
+                ("bearer", "(c) sidecar, Bearer", False, 1),
+                ("dpop", "(d) sidecar, DPoP proof per request", True, 1),
+                ("dpop2", "(e) sidecar, DPoP, --workers 2", True, 2),
+            ):
+                if args.only and name not in args.only:
+                    continue
+                proxies.append(
+                    await stack_exit.enter_async_context(
+                        sidecar_proxy(name, label, stack, origin, work, dpop=dpop, workers=workers)
+                    )
+                )
+            samples: dict[tuple[str, str], Samples] = {
+                (p.name, s.name): Samples() for p in proxies for s in SHAPES
+            }
+            started = time.monotonic()
+            for round_ in range(args.rounds):
+                for shape in SHAPES:
+                    for proxy in proxies:  # interleaved: drift hits every configuration alike
+                        result = await generate(wrk, proxy, origin, shape, args.duration)
+                        samples[(proxy.name, shape.name)].runs.append(result)
+                        print(
+                            f"round {round_ + 1} {shape.name:10} {proxy.name:7} "
+                            f"{result['rps']:8.0f} req/s  cpu/req "
+                            f"{result['cpu_us'] or 0:6.0f} µs  errors "
+                            f"{result['socket_errors'] + result['status_errors']}",
+                            flush=True,
+                        )
+                if time.monotonic() - started > args.budget:
+                    print("time budget reached: stopping after this round", flush=True)
+                    break
+            meta = {
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, Python "
+                f"{platform.python_version()}, {platform.system()} {platform.release()}",
+                "origin": f"{origin.kind} (HTTPS, keep-alive, {len(BODY)} B JSON)",
+                "loader": "wrk + bench/proxy.lua" if wrk else "bench.load (Python fallback)",
+                "rounds": len(samples[("direct", "saturation")].runs),
+                "duration": args.duration,
+            }
+            table = report(proxies, samples, meta)
+            RESULTS.mkdir(exist_ok=True)
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            (RESULTS / f"{stamp}.json").write_text(
+                json.dumps(
+                    {
+                        "meta": meta,
+                        "samples": {f"{k[0]}/{k[1]}": v.runs for k, v in samples.items()},
+                    },
+                    indent=1,
+                )
+            )
+            (RESULTS / "latest.md").write_text(table)
+            return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=6.0, help="seconds per cell")
+    parser.add_argument("--budget", type=float, default=480.0, help="stop starting rounds after")
+    parser.add_argument("--only", nargs="*", help="sidecar configurations: bearer dpop dpop2")
+    parser.add_argument("--python-load", action="store_true", help="use bench.load, not wrk")
+    parser.add_argument("--aiohttp-origin", action="store_true", help="do not use nginx")
+    parser.add_argument(
+        "--install",
+        action=argparse.BooleanOptionalAction,
+        default=hasattr(os, "geteuid") and os.geteuid() == 0,
+        help="apt-get install nginx-light and wrk if missing (default: when root)",
+    )
+    args = parser.parse_args(argv)
+    table = asyncio.run(bench(args))
+    print()
+    print(table)
+    print(f"written to {RESULTS / 'latest.md'}")
+    return 0

@@ -1,0 +1,56 @@
+"""The benchmark harness runs and reports what it measured (no timing assertions here: speed
+is judged by `make bench`, as ratios within one run)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from bench.micro.run import main as micro_main
+from bench.run import Proxy, Samples, cpu_seconds, peak_rss_mb, process_tree, report
+
+
+def test_micro_benchmarks_run_and_print_ratios(capsys: pytest.CaptureFixture[str]) -> None:
+    assert micro_main(["--seconds", "0.01"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    names = [row.split("|")[1].strip() for row in rows[1:]]
+    assert "dpop proof (ours)" in names
+    assert "routing resolve, 50 routes (ours)" in names
+    assert all(float(row.split("|")[3]) > 0 for row in rows[2:])
+
+
+def test_proc_readings_cover_this_process() -> None:
+    pids = process_tree(os.getpid())
+    assert pids[0] == os.getpid()
+    assert cpu_seconds(pids) > 0
+    assert peak_rss_mb(pids) > 1
+
+
+def test_report_states_ratios_and_targets_met_or_missed() -> None:
+    def run(rps: float, cpu: float | None, p50: int, p99: int) -> dict[str, object]:
+        return {
+            "rps": rps, "cpu_us": cpu, "vcpu_per_krps": cpu / 1000 if cpu else None,
+            "p50_us": p50, "p90_us": p50 * 2, "p99_us": p99, "rss_mb": 40.0 if cpu else None,
+            "token_requests": 0,
+        }  # fmt: skip
+
+    proxies = [
+        Proxy("direct", "(a) direct", None),
+        Proxy("nginx", "(b) nginx", "127.0.0.1:1"),
+        Proxy("dpop", "(d) dpop", "127.0.0.1:2", ready_ms=300.0),
+        Proxy("dpop2", "(e) dpop x2", "127.0.0.1:3"),
+    ]
+    samples = {(p.name, shape): Samples() for p in proxies for shape in ("saturation", "paced")}
+    for shape in ("saturation", "paced"):
+        samples[("direct", shape)].runs = [run(30000, None, 800, 1500)] * 3
+        samples[("nginx", shape)].runs = [run(18000, 20.0, 900, 2000)] * 3
+        samples[("dpop", shape)].runs = [run(9000, 90.0, 1000, 2400), run(8000, 110.0, 1100, 2600)]
+        samples[("dpop2", shape)].runs = [run(16000, 95.0, 900, 2000)]
+    meta = {"date": "d", "machine": "m", "origin": "o", "loader": "l", "rounds": 2, "duration": 1}
+    text = report(proxies, samples, meta)
+    assert "| (d) dpop | 8500 (8000–9000)" in text
+    assert "5.0×" in text  # 100 µs median against nginx's 20
+    assert "dpop: 100 µs CPU/request, target ≤ 100 µs — met" in text
+    assert "`--workers 2` throughput: 1.88× one worker." in text
+    assert "+0.25" in text  # added p50 over direct, paced

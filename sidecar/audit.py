@@ -43,6 +43,8 @@ class Exchange:
     upstream_seconds: float | None = None
 
     def record(self, spiffe_id: str | None, *, with_query: bool) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return  # audit off (log level above info): build nothing
         doc: dict[str, Any] = {
             "event": "request",
             "spiffe_id": spiffe_id,

@@ -116,14 +116,15 @@ class Listener:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()
-            log.debug(
-                "request",
-                extra={
-                    "method": request.method,
-                    "status": status,
-                    "ms": round((time.perf_counter() - started) * 1000, 2),
-                },
-            )
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "request",
+                    extra={
+                        "method": request.method,
+                        "status": status,
+                        "ms": round((time.perf_counter() - started) * 1000, 2),
+                    },
+                )
 
     async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -90,6 +90,25 @@ class Metrics:
         self.tunnels = Counter(
             "sidecar_tunnels", "CONNECT tunnels opened, by route.", ["route"], registry=r
         )
+
+        # Labelled children, looked up once: labels() costs more than the increment. Keys are
+        # the folded label values, so these stay as bounded as the metrics themselves.
+        self._request_children: dict[tuple[str, str, str], Any] = {}
+        self._latency_children: dict[str, Any] = {}
+
+    def request_done(
+        self, route: str, method: str, status: int, upstream_seconds: float | None
+    ) -> None:
+        key = (route, method_label(method), status_class(status))
+        counter = self._request_children.get(key)
+        if counter is None:
+            counter = self._request_children[key] = self.requests.labels(*key)
+        counter.inc()
+        if upstream_seconds is not None:
+            histogram = self._latency_children.get(route)
+            if histogram is None:
+                histogram = self._latency_children[route] = self.upstream_latency.labels(route)
+            histogram.observe(upstream_seconds)
 
     def bind(self, sidecar: Sidecar) -> None:
         """Add the gauges that are read from the sidecar's state at scrape time."""

@@ -220,14 +220,17 @@ class RoutingTable:
             if dest.local_port is not None:
                 self.local_ports[dest.local_port] = route
 
+        self._routes = {r.name: r for r in (*self._exact.values(), *self._wildcard.values())}
+        self._all_names = frozenset({*self._routes, *(d.name for d in self._tunnels.values())})
+
     @property
     def all_route_names(self) -> frozenset[str]:
         """Every route name, tunnel routes included (the bounded set of metric labels)."""
-        return frozenset({*self.routes, *(d.name for d in self._tunnels.values())})
+        return self._all_names
 
     @property
     def routes(self) -> Mapping[str, Route]:
-        return {r.name: r for r in (*self._exact.values(), *self._wildcard.values())}
+        return self._routes
 
     def match(self, host: str) -> Route | None:
         route = self._exact.get(host)

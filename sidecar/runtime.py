@@ -32,7 +32,7 @@ from sidecar.credentials.token_cache import TokenCache
 from sidecar.credentials.token_client import TokenClient
 from sidecar.errors import ConfigError, ProxyError
 from sidecar.listener import Listener
-from sidecar.metrics import UNMATCHED, Metrics, method_label, status_class
+from sidecar.metrics import UNMATCHED, Metrics
 from sidecar.reload import ConfigWatcher
 from sidecar.routing import Route, RoutingTable
 from sidecar.tasks import Background
@@ -293,11 +293,9 @@ class Sidecar:
     def _record(self, exchange: Exchange, snapshot: Snapshot) -> None:
         known = exchange.route in snapshot.routing.all_route_names
         route = exchange.route if known and exchange.route else UNMATCHED
-        self.metrics.requests.labels(
-            route, method_label(exchange.method), status_class(exchange.status)
-        ).inc()
-        if exchange.upstream_seconds is not None:
-            self.metrics.upstream_latency.labels(route).observe(exchange.upstream_seconds)
+        self.metrics.request_done(
+            route, exchange.method, exchange.status, exchange.upstream_seconds
+        )
         if exchange.retry:
             self.metrics.retries.labels(route, exchange.retry).inc()
         exchange.record(self.identity.spiffe_id, with_query=snapshot.config.audit_query)

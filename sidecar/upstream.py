@@ -33,7 +33,7 @@ from aiohttp.resolver import DefaultResolver
 from multidict import CIMultiDict
 from yarl import URL
 
-from sidecar.audit import Exchange, token_reference
+from sidecar.audit import Exchange
 from sidecar.credentials.broker import Credentials
 from sidecar.credentials.dpop import htu
 from sidecar.errors import BadRequest, Forbidden, UpstreamTimeout, UpstreamUnavailable
@@ -43,6 +43,9 @@ from sidecar.routing import Resolved, Route
 log = logging.getLogger("sidecar.upstream")
 
 CHUNK = 64 * 1024
+# Answers up to this size (with a Content-Length) are read whole and sent to the app in one
+# write; larger or unsized ones are streamed chunk by chunk with backpressure.
+WHOLE_BODY_LIMIT = 64 * 1024
 _CHALLENGE_ERROR = re.compile(r'error\s*=\s*"?([a-z_]+)"?', re.IGNORECASE)
 
 
@@ -199,7 +202,7 @@ class Forwarder:
         key, token, hit = await self._credentials.lookup(route, resolved.scopes)
         exchange.cache = "hit" if hit else "miss"
         for attempt in (1, 2):
-            exchange.token = token_reference(token.claims, token.value.reveal())
+            exchange.token = token.reference
             send = out.headers.copy()
             send.extend(self._credentials.headers(token, request.method, out.htu, out.origin))
             if out.body.data is not None:
@@ -276,9 +279,22 @@ class Forwarder:
         route: Route,
     ) -> web.StreamResponse:
         async with resp:
+            bodiless = request.method == "HEAD" or resp.status in (204, 304)
+            length = resp.content_length
+            if not bodiless and length is not None and length <= WHOLE_BODY_LIMIT:
+                try:
+                    body = await resp.content.readexactly(length)
+                except (TimeoutError, aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
+                    # Nothing has reached the app yet: it gets a clean error, not a cut body.
+                    raise UpstreamUnavailable(
+                        f"the upstream failed mid-response ({type(exc).__name__})",
+                        route=route.name,
+                    ) from exc
+                whole = web.Response(status=resp.status, reason=resp.reason, body=body)
+                whole.headers.extend(response_headers(resp.headers.items()))
+                return whole
             out = web.StreamResponse(status=resp.status, reason=resp.reason)
             out.headers.extend(response_headers(resp.headers.items()))
-            bodiless = request.method == "HEAD" or resp.status in (204, 304)
             if not bodiless and "Content-Length" not in resp.headers and request.version >= (1, 1):
                 out.enable_chunked_encoding()
             await out.prepare(request)

@@ -51,7 +51,7 @@ def bench_dpop(seconds: float) -> list[tuple[str, float]]:
     ath = access_token_hash(TOKEN)
 
     def ours() -> None:
-        key.proof("GET", URL, access_token=TOKEN, nonce="server-nonce-value")
+        key.proof("GET", URL, ath=ath, nonce="server-nonce-value")
 
     def with_pyjwt() -> None:
         jwt.encode(

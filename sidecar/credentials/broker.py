@@ -77,5 +77,5 @@ class Credentials:
         value = token.value.reveal()
         if token.token_type == "Bearer":
             return [("Authorization", f"Bearer {value}")]
-        proof = self.dpop_key.proof(method, htu, access_token=value, nonce=self.nonces.get(origin))
+        proof = self.dpop_key.proof(method, htu, ath=token.ath, nonce=self.nonces.get(origin))
         return [("Authorization", f"DPoP {value}"), ("DPoP", proof)]

@@ -17,6 +17,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from json.encoder import encode_basestring_ascii as _json_string
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -92,19 +93,26 @@ class DpopKey:
         *,
         access_token: str | None = None,
         nonce: str | None = None,
+        ath: str | None = None,
     ) -> str:
-        """A fresh proof JWT for one HTTP request (RFC 9449 §4.2): new ``jti``, current ``iat``."""
-        claims: dict[str, object] = {
-            "jti": b64url(os.urandom(16)),
-            "htm": htm,
-            "htu": htu,
-            "iat": int(self._clock()),
-        }
-        if access_token is not None:
-            claims["ath"] = access_token_hash(access_token)
+        """A fresh proof JWT for one HTTP request (RFC 9449 §4.2): new ``jti``, current ``iat``.
+
+        ``ath`` may be passed precomputed (it is per token, not per request); otherwise it is
+        derived from ``access_token``.
+        """
+        if ath is None and access_token is not None:
+            ath = access_token_hash(access_token)
+        # The claims object written directly: every string through the JSON encoder's own
+        # escaping (C), the rest are base64url and integers. Same bytes as json.dumps would give.
+        claims = (
+            f'{{"jti":"{b64url(os.urandom(16))}","htm":{_json_string(htm)},'
+            f'"htu":{_json_string(htu)},"iat":{int(self._clock())}'
+        )
+        if ath is not None:
+            claims += f',"ath":{_json_string(ath)}'
         if nonce is not None:
-            claims["nonce"] = nonce
-        signing_input = self._header_b64 + b64url(_json(claims)).encode()
+            claims += f',"nonce":{_json_string(nonce)}'
+        signing_input = self._header_b64 + b64url((claims + "}").encode()).encode()
         r, s = decode_dss_signature(self._key.sign(signing_input, _ECDSA_SHA256))
         signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
         return signing_input.decode("ascii") + "." + b64url(signature)

@@ -22,6 +22,7 @@ import ssl
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, urlsplit
@@ -29,8 +30,9 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 import jwt
 
+from sidecar.audit import token_reference
 from sidecar.config import AuthorizationServer
-from sidecar.credentials.dpop import DpopKey, NonceStore
+from sidecar.credentials.dpop import DpopKey, NonceStore, access_token_hash
 from sidecar.credentials.identity import JwtSvid, WorkloadIdentity
 from sidecar.errors import ProxyError, TokenRejected, TokenUnavailable, sanitize
 from sidecar.secret import Secret
@@ -70,6 +72,16 @@ class AccessToken:
     expires_at: float  # monotonic
     scope: tuple[str, ...]
     claims: Mapping[str, Any] = field(default_factory=dict)  # non-secret, for audit and demo
+
+    @cached_property
+    def ath(self) -> str:
+        """RFC 9449 ``ath`` for this token, computed once (a hash: not a secret)."""
+        return access_token_hash(self.value.reveal())
+
+    @cached_property
+    def reference(self) -> dict[str, Any]:
+        """Who this token is, for audit lines (claims or a fingerprint; never the token)."""
+        return token_reference(self.claims, self.value.reveal())
 
     @property
     def lifetime(self) -> float:

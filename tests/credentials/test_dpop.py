@@ -39,6 +39,17 @@ def test_proof_verifies_with_an_independent_library() -> None:
     assert public.thumbprint() == key.thumbprint
 
 
+def test_claims_are_valid_json_whatever_the_strings_hold() -> None:
+    key = DpopKey(clock=lambda: 1_700_000_000)
+    nonce = 'quote" back\\slash \u00e9 \n ctl'
+    url = "https://rs.example/p%22ath/\u00fcber"
+    proof = key.proof("GET", url, nonce=nonce, ath="precomputed-ath")
+    jws.deserialize_compact(proof, ECKey.import_key(key.public_jwk), algorithms=["ES256"])
+    _, claims = decode(proof)
+    assert (claims["nonce"], claims["htu"], claims["ath"]) == (nonce, url, "precomputed-ath")
+    assert "ath" not in decode(key.proof("GET", url))[1]
+
+
 def test_every_proof_has_a_fresh_jti() -> None:
     key = DpopKey()
     jtis = {decode(key.proof("GET", "https://a/"))[1]["jti"] for _ in range(200)}

@@ -100,7 +100,7 @@ async def open_tunnel(
 async def _dial(
     dest: Destination, host: str, port: int
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    from sidecar.upstream import is_private
+    from sidecar.origin_client import is_private
 
     loop = asyncio.get_running_loop()
     try:

@@ -1,5 +1,6 @@
 """Upstream: send the app's request to the real API over TLS, with our credentials, and stream
-the answer back. This is the data path's I/O edge (aiohttp client).
+the answer back. This is the data path's policy; the bytes go through
+:mod:`sidecar.origin_client` (a lean HTTP/1.1 client: aiohttp's was most of our CPU).
 
 One request, at most two attempts (RFC 9449 §9 nonce, or a rejected token), never a loop:
   1. Authorization + a fresh DPoP proof for the URL actually sent;
@@ -11,33 +12,48 @@ One request, at most two attempts (RFC 9449 §9 nonce, or a rejected token), nev
 SSRF guard: only upstreams named by routes are dialled, and their addresses are checked at
 connect time: loopback, link-local (169.254.0.0/16, fe80::/10: cloud metadata), unspecified
 and multicast addresses are refused unless the route says ``allow_private: true``.
+
+Answers up to 64 KiB with a Content-Length are read whole and sent to the app in one write
+(a failure while reading them gives the app a clean 502); larger or unsized ones are streamed
+with backpressure both ways.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
+import contextlib
 import logging
 import re
-import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from urllib.parse import urlsplit
 
-import aiohttp
 from aiohttp import web
-from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.resolver import DefaultResolver
-from multidict import CIMultiDict
-from yarl import URL
 
 from sidecar.audit import Exchange
 from sidecar.credentials.broker import Credentials
 from sidecar.credentials.dpop import htu
-from sidecar.errors import BadRequest, Forbidden, UpstreamTimeout, UpstreamUnavailable
+from sidecar.errors import (
+    BadRequest,
+    Forbidden,
+    ProxyError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from sidecar.headers import has_app_credentials, request_headers, response_headers
+from sidecar.origin_client import (
+    Origin,
+    OriginError,
+    OriginRefused,
+    OriginTimeout,
+    OriginUnreachable,
+    Pool,
+    Response,
+    Timeouts,
+    is_private,
+)
 from sidecar.routing import Resolved, Route
 
 log = logging.getLogger("sidecar.upstream")
@@ -48,13 +64,36 @@ CHUNK = 64 * 1024
 WHOLE_BODY_LIMIT = 64 * 1024
 _CHALLENGE_ERROR = re.compile(r'error\s*=\s*"?([a-z_]+)"?', re.IGNORECASE)
 
+__all__ = ["Forwarder"]
+
+
+@dataclass(frozen=True)
+class _UpstreamOrigin:
+    """A route's ``scheme://host[:port]``, parsed once."""
+
+    scheme: str
+    host: str  # without brackets
+    port: int
+    explicit_port: int | None
+    authority: str  # for the Host header, as configured
+    nonce_key: str  # RFC 9449 nonces are per origin
+
+
+def _parse_origin(text: str) -> _UpstreamOrigin:
+    parts = urlsplit(text)
+    scheme = parts.scheme.lower()
+    host = parts.hostname or ""
+    explicit = parts.port
+    port = explicit or (443 if scheme == "https" else 80)
+    return _UpstreamOrigin(scheme, host, port, explicit, parts.netloc, text.lower().rstrip("/"))
+
 
 def _refuse_private_literal(host: str, route: Route) -> None:
-    """IP-literal upstreams never reach the resolver: check them here."""
+    """IP-literal upstreams: refused here, before any connection (names: at resolve time)."""
     try:
         private = is_private(host.strip("[]"))
     except ValueError:
-        return  # a name: the GuardedResolver checks what it resolves to
+        return
     if private:
         raise Forbidden(
             f"upstream {host} is a loopback or link-local address; refused "
@@ -63,59 +102,18 @@ def _refuse_private_literal(host: str, route: Route) -> None:
         )
 
 
-def is_private(address: str) -> bool:
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast
-
-
-class GuardedResolver(AbstractResolver):
-    """Resolves like aiohttp's default, then refuses addresses that must not be dialled."""
-
-    def __init__(self) -> None:
-        self._inner = DefaultResolver()
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        results = await self._inner.resolve(host, port, family)
-        allowed = [r for r in results if not is_private(r["host"])]
-        if not allowed:
-            raise Forbidden(
-                f"upstream {host} resolves to a loopback or link-local address; refused "
-                "(set allow_private: true on the route if this is intended)"
-            )
-        return allowed
-
-    async def close(self) -> None:
-        await self._inner.close()
-
-
 @dataclass(frozen=True)
 class _Body:
     data: bytes | None  # buffered: replayable
     stream: web.BaseRequest | None  # streamed: sent once
+    length: int | None = None  # of the stream, when the app said
 
     @property
     def replayable(self) -> bool:
         return self.stream is None
 
-    def payload(self) -> Any:
+    def payload(self) -> bytes | AsyncIterator[bytes] | None:
         return self.data if self.stream is None else _iter_body(self.stream)
-
-
-@dataclass(frozen=True)
-class _Outbound:
-    """One request as it will be sent upstream (attempts differ only in credentials)."""
-
-    url: URL
-    htu: str  # RFC 9449 htu of ``url``
-    origin: str  # nonce key
-    headers: CIMultiDict[str]
-    body: _Body
-    session: aiohttp.ClientSession
-    timeout: aiohttp.ClientTimeout
 
 
 async def _iter_body(request: web.BaseRequest) -> AsyncIterator[bytes]:
@@ -123,7 +121,7 @@ async def _iter_body(request: web.BaseRequest) -> AsyncIterator[bytes]:
         yield chunk
 
 
-def _challenge_error(resp: aiohttp.ClientResponse) -> str | None:
+def _challenge_error(resp: Response) -> str | None:
     for value in resp.headers.getall("WWW-Authenticate", ()):
         if value.lstrip().lower().startswith(("dpop", "bearer")):
             match = _CHALLENGE_ERROR.search(value)
@@ -139,19 +137,24 @@ class Forwarder:
         *,
         ssl_for: Callable[[Route], ssl.SSLContext],
         replay_limit: int,
-        limit_per_host: int = 64,
     ) -> None:
         self._credentials = credentials
         self._ssl_for = ssl_for
         self.replay_limit = replay_limit
-        kwargs: dict[str, Any] = {"limit": 0, "limit_per_host": limit_per_host}
-        self._guarded = _session(aiohttp.TCPConnector(resolver=GuardedResolver(), **kwargs))
-        self._open = _session(aiohttp.TCPConnector(**kwargs))
+        self._pool = Pool()
+        self._origins: dict[str, _UpstreamOrigin] = {}
         self._limits: dict[str, tuple[int, asyncio.Semaphore]] = {}
 
     async def close(self) -> None:
-        await self._guarded.close()
-        await self._open.close()
+        await self._pool.close()
+
+    def _origin(self, text: str) -> _UpstreamOrigin:
+        parsed = self._origins.get(text)
+        if parsed is None:
+            if len(self._origins) > 4096:  # wildcard routes: bounded
+                self._origins.clear()
+            parsed = self._origins[text] = _parse_origin(text)
+        return parsed
 
     async def forward(
         self, request: web.BaseRequest, resolved: Resolved, exchange: Exchange
@@ -164,28 +167,23 @@ class Forwarder:
                 "(the sidecar supplies the credential); remove it from the app",
                 route=route.name,
             )
-        origin = URL(route.upstream_origin(target))
+        up = self._origin(route.upstream_origin(target))
         if not dest.allow_private:
-            _refuse_private_literal(origin.raw_host or "", route)
-        raw = target.path + (f"?{target.query}" if target.query else "")
-        headers = request_headers(request.headers.items(), origin.raw_authority)
+            _refuse_private_literal(up.host, route)
+        headers = request_headers(request.headers.items(), up.authority)
         if dest.via:
             headers.add("Via", "1.1 spiffe-oauth-sidecar")
-        out = _Outbound(
-            url=URL(str(origin) + raw, encoded=True),  # path and query byte-for-byte
-            htu=htu(origin.scheme, origin.raw_host or "", origin.explicit_port, target.path),
-            origin=str(origin).lower().rstrip("/"),
-            headers=headers,
-            body=await self._body(request),
-            session=self._open if dest.allow_private else self._guarded,
-            timeout=aiohttp.ClientTimeout(
-                total=dest.total_timeout,
-                sock_connect=dest.connect_timeout,
-                sock_read=dest.read_timeout,
-            ),
+        body = await self._body(request)
+        origin = Origin(
+            up.host,
+            up.port,
+            self._ssl_for(route) if up.scheme == "https" else None,
+            dest.allow_private,
         )
         async with self._slots(route):
-            return await self._exchange(request, resolved, out, exchange)
+            return await self._exchange(
+                request, resolved, up, origin, list(headers.items()), body, exchange
+            )
 
     def _slots(self, route: Route) -> asyncio.Semaphore:
         """At most ``max_connections`` requests in flight to one route's upstream."""
@@ -196,34 +194,40 @@ class Forwarder:
         return slot[1]
 
     async def _exchange(
-        self, request: web.BaseRequest, resolved: Resolved, out: _Outbound, exchange: Exchange
+        self,
+        request: web.BaseRequest,
+        resolved: Resolved,
+        up: _UpstreamOrigin,
+        origin: Origin,
+        headers: list[tuple[str, str]],
+        body: _Body,
+        exchange: Exchange,
     ) -> web.StreamResponse:
-        route = resolved.route
+        route, target = resolved.route, resolved.target.path
+        raw = target + (f"?{resolved.target.query}" if resolved.target.query else "")
+        proof_url = htu(up.scheme, up.host, up.explicit_port, target)
         key, token, hit = await self._credentials.lookup(route, resolved.scopes)
         exchange.cache = "hit" if hit else "miss"
         for attempt in (1, 2):
             exchange.token = token.reference
-            send = out.headers.copy()
-            send.extend(self._credentials.headers(token, request.method, out.htu, out.origin))
-            if out.body.data is not None:
-                send["Content-Length"] = str(len(out.body.data))
-            elif request.content_length is not None:
-                send["Content-Length"] = str(request.content_length)
+            send = headers + self._credentials.headers(
+                token, request.method, proof_url, up.nonce_key
+            )
             sent = time.perf_counter()
-            resp = await self._send(request.method, out, send, route)
+            resp = await self._send(request.method, origin, raw, send, body, route)
             exchange.upstream_seconds = time.perf_counter() - sent
-            self._credentials.nonces.update(out.origin, resp.headers.get("DPoP-Nonce"))
-            retry = attempt == 1 and out.body.replayable and resp.status == 401
+            self._credentials.nonces.update(up.nonce_key, resp.headers.get("DPoP-Nonce"))
+            retry = attempt == 1 and body.replayable and resp.status == 401
             reason = _challenge_error(resp) if retry else None
             if reason == "use_dpop_nonce" and resp.headers.get("DPoP-Nonce"):
-                resp.release()
+                await _discard(resp)
                 exchange.retry = reason
                 log.info(
                     "retrying with the resource server's DPoP nonce", extra={"route": route.name}
                 )
                 continue
             if reason == "invalid_token":
-                resp.release()
+                await _discard(resp)
                 exchange.retry = reason
                 self._credentials.evict(key, token)
                 log.info(
@@ -241,67 +245,53 @@ class Forwarder:
         length = request.content_length
         if length is not None and length <= self.replay_limit:
             return _Body(await request.content.readexactly(length), None)
-        return _Body(None, request)
+        return _Body(None, request, length)
 
     async def _send(
-        self, method: str, out: _Outbound, headers: Any, route: Route
-    ) -> aiohttp.ClientResponse:
+        self,
+        method: str,
+        origin: Origin,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: _Body,
+        route: Route,
+    ) -> Response:
+        dest = route.destination
+        deadline = None
+        if dest.total_timeout is not None:
+            deadline = asyncio.get_running_loop().time() + dest.total_timeout
+        timeouts = Timeouts(dest.connect_timeout, dest.read_timeout, deadline)
         try:
-            return await out.session.request(
-                method,
-                out.url,
-                headers=headers,
-                data=out.body.payload(),
-                ssl=self._ssl_for(route),
-                allow_redirects=False,
-                timeout=out.timeout,
-                middlewares=(),
+            return await self._pool.request(
+                origin, method, target, headers, body.payload(), body.length, timeouts
             )
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-            raise UpstreamTimeout(
-                f"the upstream did not answer in time ({type(exc).__name__})", route=route.name
-            ) from exc
-        except aiohttp.ClientConnectorError as exc:
-            if isinstance(exc.os_error, Forbidden):
-                raise Forbidden(exc.os_error.detail, route=route.name) from exc
-            raise UpstreamUnavailable(
-                f"cannot connect to the upstream ({type(exc).__name__})", route=route.name
-            ) from exc
-        except aiohttp.ClientError as exc:
-            raise UpstreamUnavailable(
-                f"the upstream connection failed ({type(exc).__name__})", route=route.name
-            ) from exc
+        except OriginError as exc:
+            raise _proxy_error(exc, route) from exc
 
     async def _relay(
-        self,
-        request: web.BaseRequest,
-        resp: aiohttp.ClientResponse,
-        route: Route,
+        self, request: web.BaseRequest, resp: Response, route: Route
     ) -> web.StreamResponse:
-        async with resp:
+        try:
             bodiless = request.method == "HEAD" or resp.status in (204, 304)
             length = resp.content_length
             if not bodiless and length is not None and length <= WHOLE_BODY_LIMIT:
                 try:
-                    body = await resp.content.readexactly(length)
-                except (TimeoutError, aiohttp.ClientError, asyncio.IncompleteReadError) as exc:
+                    body = await resp.read()
+                except OriginError as exc:
                     # Nothing has reached the app yet: it gets a clean error, not a cut body.
-                    raise UpstreamUnavailable(
-                        f"the upstream failed mid-response ({type(exc).__name__})",
-                        route=route.name,
-                    ) from exc
-                whole = web.Response(status=resp.status, reason=resp.reason, body=body)
+                    raise _proxy_error(exc, route, mid_response=True) from exc
+                whole = web.Response(status=resp.status, reason=resp.reason or None, body=body)
                 whole.headers.extend(response_headers(resp.headers.items()))
                 return whole
-            out = web.StreamResponse(status=resp.status, reason=resp.reason)
+            out = web.StreamResponse(status=resp.status, reason=resp.reason or None)
             out.headers.extend(response_headers(resp.headers.items()))
-            if not bodiless and "Content-Length" not in resp.headers and request.version >= (1, 1):
+            if not bodiless and length is None and request.version >= (1, 1):
                 out.enable_chunked_encoding()
             await out.prepare(request)
             try:
-                async for chunk in resp.content.iter_chunked(CHUNK):
+                async for chunk in resp.chunks():
                     await out.write(chunk)  # drain() inside: backpressure from the app
-            except (TimeoutError, aiohttp.ClientError) as exc:
+            except OriginError as exc:
                 log.warning(
                     "upstream failed mid-response; closing the connection to the app",
                     extra={"route": route.name, "error": type(exc).__name__},
@@ -310,14 +300,26 @@ class Forwarder:
                     request.transport.close()
                 return out
             await out.write_eof()
-        return out
+            return out
+        finally:
+            resp.release()
 
 
-def _session(connector: aiohttp.TCPConnector) -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,  # bytes pass through as the upstream encoded them
-        skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
-        cookie_jar=aiohttp.DummyCookieJar(),  # cookies are the app's, not ours to keep
-        trust_env=False,  # never send our traffic through an environment proxy
-    )
+async def _discard(resp: Response) -> None:
+    """Read a small answer we will not relay (so the connection can be reused), or drop it."""
+    if resp.content_length is not None and resp.content_length <= WHOLE_BODY_LIMIT:
+        with contextlib.suppress(OriginError):
+            await resp.read()
+    resp.release()
+
+
+def _proxy_error(exc: OriginError, route: Route, *, mid_response: bool = False) -> ProxyError:
+    name = route.name
+    if isinstance(exc, OriginRefused):
+        return Forbidden(str(exc), route=name)
+    if isinstance(exc, OriginTimeout):
+        return UpstreamTimeout(f"the upstream did not answer in time ({exc})", route=name)
+    if isinstance(exc, OriginUnreachable):
+        return UpstreamUnavailable(f"cannot connect to the upstream ({exc})", route=name)
+    what = "failed mid-response" if mid_response else "connection failed"
+    return UpstreamUnavailable(f"the upstream {what} ({exc})", route=name)

@@ -17,12 +17,20 @@ from typing import Any
 
 import aiohttp
 import pytest
+import uvloop
 
 from sidecar import config
 from sidecar.credentials.dpop import b64url
 from sidecar.devstack.stack import DevStack, dev_stack
 from sidecar.logs import JsonFormatter, RedactingFilter
 from sidecar.runtime import Sidecar
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """The suite runs on uvloop, the loop `sidecar run` uses in production."""
+    return {"uvloop": uvloop.new_event_loop}
 
 
 class LogCapture(logging.Handler):

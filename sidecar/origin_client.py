@@ -1,0 +1,492 @@
+"""Origin client: the data path's HTTP/1.1 client to the real APIs, over pooled keep-alive
+connections (asyncio protocols, responses parsed by llhttp through ``httptools``).
+
+Why not aiohttp's client: measured with ``bench/``, it was most of the sidecar's CPU per
+request. aiohttp stays where a request per token lifetime costs nothing (the token client).
+
+What it does, and no more: resolve (refusing loopback/link-local addresses unless the route
+allows them), connect with a timeout, TLS with the route's context and SNI, write one request
+(a buffered body with ``Content-Length``, or a streamed one, chunked when its length is
+unknown), and read one response: headers within ``read_timeout``, body chunks with bounded
+buffering (reading from the origin pauses while the app is slow). A connection goes back to
+the pool only if the response was read to its end and both sides allow keep-alive. Interim
+1xx responses are skipped; HEAD answers close the connection (llhttp cannot be told that a
+HEAD response has no body); a protocol upgrade is refused.
+
+Errors are :class:`OriginError` subclasses; the forwarder turns them into the app's JSON errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ipaddress
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, cast
+
+import httptools
+from multidict import CIMultiDict
+
+HIGH_WATER = 256 * 1024  # body bytes buffered from the origin before reading pauses
+LOW_WATER = 64 * 1024
+MAX_HEAD_BYTES = 64 * 1024  # response status line and headers
+MAX_IDLE_PER_ORIGIN = 64
+
+
+class OriginError(Exception):
+    """The exchange with the origin failed; ``str()`` is safe to show (no header values)."""
+
+
+class OriginRefused(OriginError):
+    """The origin's addresses are ones the route may not dial (SSRF guard)."""
+
+
+class OriginUnreachable(OriginError):
+    """DNS, TCP or TLS failed."""
+
+
+class OriginTimeout(OriginError):
+    """Connecting or waiting for the origin took longer than allowed."""
+
+
+class OriginBroken(OriginError):
+    """The origin closed the connection or answered something that is not HTTP/1.1."""
+
+
+def is_private(address: str) -> bool:
+    """Loopback, link-local (cloud metadata), unspecified or multicast: not dialled by default."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where to connect, and how: the pool key."""
+
+    host: str  # without brackets
+    port: int
+    ssl: ssl.SSLContext | None  # None: plain http
+    allow_private: bool
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float
+    read: float
+    deadline: float | None = None  # loop time by which the whole exchange must be over
+
+
+class Response:
+    """One response from the origin. Read its body (whole or in chunks), then ``release()``."""
+
+    def __init__(self, conn: _Connection, status: int, reason: str, headers: CIMultiDict[str]):
+        self._conn = conn
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        length = headers.get("Content-Length")
+        self.content_length = int(length) if length is not None and length.isdigit() else None
+
+    async def read(self) -> bytes:
+        """The whole body (callers only do this for a known, bounded ``content_length``)."""
+        parts = [chunk async for chunk in self.chunks()]
+        return b"".join(parts)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        conn = self._conn
+        while True:
+            chunk = await conn.next_chunk()
+            if chunk is None:
+                return
+            yield chunk
+
+    def release(self) -> None:
+        """Give the connection back if the response was read to its end, else close it."""
+        self._conn.finish()
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection to an origin; one exchange at a time."""
+
+    def __init__(self, pool: Pool, origin: Origin) -> None:
+        self._pool = pool
+        self.origin = origin
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._loop = asyncio.get_running_loop()
+        self._head: asyncio.Future[Response] | None = None
+        self._status_reason = b""
+        self._header_pairs: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._head_request = False
+        self._body: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._body_waiter: asyncio.Future[None] | None = None
+        self._complete = False
+        self._failed: OriginError | None = None
+        self._paused_reading = False
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._timeouts: Timeouts | None = None
+        self._eof_body = False  # the body of the current response ends with the connection
+        self.received_any = False
+        self.reusable = True
+        self.closed = False
+
+    # -- transport callbacks -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TLS transport is not an asyncio.Transport subclass, but it is one.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self.received_any = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(OriginBroken("the origin switched protocols; not supported"))
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            if isinstance(cause, OriginError):
+                self._fail(cause)
+            else:
+                self._fail(OriginBroken("the origin's answer is not valid HTTP/1.1"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.reusable = False
+        self._pool.forget(self)
+        if self._head is not None and not self._complete:
+            if self._eof_body and self._head.done():
+                self._complete = True  # HTTP/1.0 style: the body ends with the connection
+                self._wake_body()
+            else:
+                self._fail(OriginBroken("the origin closed the connection"))
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_exception(OriginBroken("the origin closed the connection"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    # -- parser callbacks --------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._head is None or self._complete:
+            # Bytes after the end of the response we asked for: a desynchronised origin.
+            raise OriginBroken("the origin sent an unsolicited response")
+        self._status_reason = b""
+        self._header_pairs = []
+        self._head_bytes = 0
+        self._eof_body = False
+
+    def on_status(self, status: bytes) -> None:
+        self._status_reason += status
+        self._count(len(status))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_pairs.append((name, value))
+        self._count(len(name) + len(value) + 4)
+
+    def _count(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise OriginBroken("the origin's response headers are too large")
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:
+            return  # interim response (100 Continue, 103 Early Hints): wait for the real one
+        headers: CIMultiDict[str] = CIMultiDict(
+            (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
+            for n, v in self._header_pairs
+        )
+        if not self._parser.should_keep_alive():
+            self.reusable = False
+        self._eof_body = (
+            "Content-Length" not in headers
+            and "chunked" not in headers.get("Transfer-Encoding", "").lower()
+            and status not in (204, 304)
+        )
+        reason = self._status_reason.decode("latin-1")
+        response = Response(self, status, reason, headers)
+        if self._head_request:
+            self.reusable = False  # llhttp would wait for a body a HEAD response never has
+            self._complete = True
+        head = self._head
+        if head is not None and not head.done():
+            head.set_result(response)
+
+    def on_body(self, body: bytes) -> None:
+        self._body.append(body)
+        self._buffered += len(body)
+        if self._buffered > HIGH_WATER and not self._paused_reading and self.transport:
+            self._paused_reading = True
+            self.transport.pause_reading()
+        self._wake_body()
+
+    def on_message_complete(self) -> None:
+        if 100 <= self._parser.get_status_code() < 200:
+            return
+        self._complete = True
+        self._wake_body()
+
+    # -- the exchange ------------------------------------------------------------------------
+
+    def _fail(self, error: OriginError) -> None:
+        if self._failed is None:
+            self._failed = error
+        self.reusable = False
+        if self._head is not None and not self._head.done():
+            self._head.set_exception(error)
+        self._wake_body()
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    def _wake_body(self) -> None:
+        waiter = self._body_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait(self, future: asyncio.Future[Any], what: str) -> Any:
+        timeouts = self._timeouts
+        assert timeouts is not None
+        limit = timeouts.read
+        if timeouts.deadline is not None:
+            limit = min(limit, timeouts.deadline - self._loop.time())
+        if future.done():
+            return future.result()
+        handle = self._loop.call_later(max(0.0, limit), _expire, future, what)
+        try:
+            return await future
+        finally:
+            handle.cancel()
+
+    def start(self, timeouts: Timeouts, *, head_request: bool) -> asyncio.Future[Response]:
+        self._timeouts = timeouts
+        self._head_request = head_request
+        self._complete = False
+        self._failed = None
+        self._body.clear()
+        self._buffered = 0
+        self.received_any = False
+        self._head = self._loop.create_future()
+        return self._head
+
+    async def drain(self) -> None:
+        if self._failed is not None:
+            raise self._failed
+        if self.closed:
+            raise OriginBroken("the origin closed the connection")
+        if self._write_paused:
+            self._drain_waiter = self._loop.create_future()
+            await self._wait(self._drain_waiter, "accepting the request body")
+
+    async def response(self) -> Response:
+        assert self._head is not None
+        if self._failed is not None and not self._head.done():
+            raise self._failed
+        result: Response = await self._wait(self._head, "answering")
+        return result
+
+    async def next_chunk(self) -> bytes | None:
+        while True:
+            if self._body:
+                chunk = self._body.popleft()
+                self._buffered -= len(chunk)
+                if self._paused_reading and self._buffered < LOW_WATER and self.transport:
+                    self._paused_reading = False
+                    self.transport.resume_reading()
+                return chunk
+            if self._complete:
+                return None
+            if self._failed is not None:
+                raise self._failed
+            self._body_waiter = self._loop.create_future()
+            await self._wait(self._body_waiter, "sending the response body")
+
+    def finish(self) -> None:
+        """The exchange is over: back to the pool if clean and complete, else close."""
+        self._head = None
+        if self._complete and self.reusable and not self._body and self._failed is None:
+            self._pool.give_back(self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        self.reusable = False
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+
+def _expire(future: asyncio.Future[Any], what: str) -> None:
+    if not future.done():
+        future.set_exception(OriginTimeout(f"the origin took too long {what}"))
+
+
+class Pool:
+    """Idle keep-alive connections per :class:`Origin`, and the way to make new ones."""
+
+    def __init__(self, *, max_idle: int = MAX_IDLE_PER_ORIGIN) -> None:
+        self._idle: dict[Origin, list[_Connection]] = {}
+        self._all: set[_Connection] = set()
+        self._max_idle = max_idle
+
+    def give_back(self, conn: _Connection) -> None:
+        idle = self._idle.setdefault(conn.origin, [])
+        if len(idle) >= self._max_idle or conn.closed:
+            conn.close()
+            return
+        idle.append(conn)
+
+    def forget(self, conn: _Connection) -> None:
+        self._all.discard(conn)
+        idle = self._idle.get(conn.origin)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    async def close(self) -> None:
+        for conn in list(self._all):
+            conn.close()
+        self._idle.clear()
+
+    async def request(
+        self,
+        origin: Origin,
+        method: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        body: bytes | AsyncIterator[bytes] | None,
+        length: int | None,
+        timeouts: Timeouts,
+    ) -> Response:
+        """Send one request; return the response once its headers are in."""
+        chunked = body is not None and not isinstance(body, bytes) and length is None
+        head = _request_head(method, target, headers, body, length)
+        replayable = body is None or isinstance(body, bytes)
+        conn = self._take_idle(origin)
+        if conn is not None:
+            try:
+                return await self._exchange(conn, head, body, chunked, method, timeouts)
+            except OriginBroken:
+                # A pooled connection the origin had just closed: one fresh try, if the
+                # request can be sent again and nothing at all came back.
+                if not replayable or conn.received_any:
+                    raise
+        conn = await self._connect(origin, timeouts)
+        return await self._exchange(conn, head, body, chunked, method, timeouts)
+
+    def _take_idle(self, origin: Origin) -> _Connection | None:
+        idle = self._idle.get(origin)
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
+                return conn
+        return None
+
+    async def _exchange(
+        self,
+        conn: _Connection,
+        head: bytes,
+        body: bytes | AsyncIterator[bytes] | None,
+        chunked: bool,
+        method: str,
+        timeouts: Timeouts,
+    ) -> Response:
+        conn.start(timeouts, head_request=method == "HEAD")
+        transport = conn.transport
+        assert transport is not None
+        try:
+            if body is None or isinstance(body, bytes):
+                transport.write(head + body if body else head)
+            else:
+                transport.write(head)
+                async for chunk in body:
+                    if not chunk:
+                        continue
+                    if chunked:
+                        transport.write(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+                    else:
+                        transport.write(chunk)
+                    await conn.drain()
+                if chunked:
+                    transport.write(b"0\r\n\r\n")
+            return await conn.response()
+        except BaseException:
+            conn.close()
+            raise
+
+    async def _connect(self, origin: Origin, timeouts: Timeouts) -> _Connection:
+        loop = asyncio.get_running_loop()
+        limit = timeouts.connect
+        if timeouts.deadline is not None:
+            limit = min(limit, timeouts.deadline - loop.time())
+        try:
+            async with asyncio.timeout(max(0.0, limit)):
+                addresses = await self._resolve(origin)
+                last: Exception | None = None
+                for address in addresses:
+                    try:
+                        _, conn = await loop.create_connection(
+                            lambda: _Connection(self, origin),
+                            address,
+                            origin.port,
+                            ssl=origin.ssl,
+                            server_hostname=origin.host if origin.ssl else None,
+                        )
+                    except (OSError, ssl.SSLError) as exc:
+                        last = exc
+                        continue
+                    self._all.add(conn)
+                    return conn
+                raise OriginUnreachable(f"cannot connect to the origin ({type(last).__name__})")
+        except TimeoutError as exc:
+            raise OriginTimeout("connecting to the origin took too long") from exc
+
+    async def _resolve(self, origin: Origin) -> list[str]:
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(origin.host, origin.port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise OriginUnreachable(f"cannot resolve the origin ({type(exc).__name__})") from exc
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+        if not origin.allow_private:
+            addresses = [a for a in addresses if not is_private(a)]
+            if not addresses:
+                raise OriginRefused(
+                    f"upstream {origin.host} resolves to a loopback or link-local address; "
+                    "refused (set allow_private: true on the route if this is intended)"
+                )
+        return addresses
+
+
+def _request_head(
+    method: str,
+    target: str,
+    headers: list[tuple[str, str]],
+    body: bytes | AsyncIterator[bytes] | None,
+    length: int | None,
+) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1"]
+    for name, value in headers:
+        if "\r" in value or "\n" in value or "\r" in name or "\n" in name or ":" in name:
+            # Our own values (a token from the AS) are checked too: never split a header.
+            raise OriginBroken(f"refusing to send a header with a line break ({name[:40]!r})")
+        lines.append(f"{name}: {value}")
+    if isinstance(body, bytes):
+        lines.append(f"Content-Length: {len(body)}")
+    elif body is not None:
+        if length is not None:
+            lines.append(f"Content-Length: {length}")
+        else:
+            lines.append("Transfer-Encoding: chunked")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")

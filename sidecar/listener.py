@@ -1,97 +1,559 @@
-"""Listener: the HTTP_PROXY endpoint the legacy app talks to (aiohttp low-level server).
+"""Listener: the HTTP_PROXY endpoint the legacy app talks to.
 
-Below aiohttp's router on purpose: the router never matches absolute-form targets' CONNECT
-(aio-libs/aiohttp#3257), and a proxy has no routes of its own. The request target is read
-byte-exact from ``raw_path``; when it disagrees with the Host header, the target wins
-(RFC 9112 §3.2.2).
+An asyncio protocol with llhttp (through ``httptools``) as the parser: the request target is
+kept byte-exact (absolute-form, as HTTP_PROXY clients send it), headers in order. llhttp is
+strict: conflicting or repeated Content-Length, Content-Length with Transfer-Encoding, bare CR,
+obsolete line folding and invalid tokens are errors, answered here with the JSON error shape and
+a log line that never quotes the offending bytes. Head size is bounded (``max_header_bytes``),
+bodies are buffered only up to a high-water mark (reading pauses until the data path takes
+them), pipelined requests are answered in order, one at a time.
 
-The seam to the rest of the data path is :class:`Handler`: anything that turns a request into
-a response. A leaner forwarder can replace this module without touching routing or credentials.
+The seam to the rest of the data path is :data:`Handler`: ``await handler(request, reply)``.
+The handler answers through :class:`Reply` (one write for a whole answer, or a stream), or raises
+:class:`~sidecar.errors.ProxyError`, which becomes the JSON error if nothing was sent yet.
+CONNECT requests are handed over raw with :meth:`Reply.take_over` (see ``tunnel.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from http import HTTPStatus
+from typing import Any, cast
 
-from aiohttp import web, web_protocol
+import httptools
 
 from sidecar.config import Address
 from sidecar.errors import BadRequest, ProxyError
 
 log = logging.getLogger("sidecar.listener")
 
-Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+HIGH_WATER = 256 * 1024  # request body bytes buffered before reading from the app pauses
+LOW_WATER = 64 * 1024
+MAX_PIPELINED = 16  # requests parsed ahead of the one being answered
+KEEPALIVE_IDLE = 75.0  # seconds an idle keep-alive connection is kept
+HEAD_TIMEOUT = 30.0  # seconds to receive a request head once it started (slow-loris)
+SWEEP_INTERVAL = 5.0
 
 
-def error_response(error: ProxyError) -> web.Response:
-    return web.Response(status=error.status, body=error.encode(), headers=error.headers())
+class Request:
+    """One request from the app, as sent: method, raw target, headers in order, the body."""
 
+    __slots__ = (
+        "_body",
+        "_buffered",
+        "_complete",
+        "_conn",
+        "_expect_continue",
+        "_failed",
+        "_waiter",
+        "chunked",
+        "consumed",
+        "content_length",
+        "headers",
+        "keep_alive",
+        "local_port",
+        "method",
+        "target",
+        "version",
+    )
 
-class _RequestHandler(web_protocol.RequestHandler):
-    """aiohttp's connection handler, answering unparseable requests in our JSON shape.
-
-    aiohttp's own answer is text with the offending bytes echoed, and it logs a traceback that
-    may quote a header line; a malformed ``Authorization`` line must not reach the logs.
-    """
-
-    def handle_error(
+    def __init__(
         self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if request.writer.output_size > 0:
-            raise ConnectionError("response already started; cannot answer with an error")
-        if status >= 500:
-            log.error("internal error", extra={"error": type(exc).__name__ if exc else None})
-            error = ProxyError("the sidecar failed to handle this request")
+        conn: _Connection,
+        method: str,
+        target: str,
+        version: tuple[int, int],
+        headers: list[tuple[str, str]],
+        keep_alive: bool,
+    ) -> None:
+        self._conn = conn
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.local_port = conn.port
+        self.content_length: int | None = None
+        self.chunked = False
+        self._expect_continue = False
+        for name, value in headers:
+            lower = name.lower()
+            if lower == "content-length":
+                self.content_length = int(value)  # llhttp has checked it: one, and a number
+            elif lower == "transfer-encoding":
+                self.chunked = self.chunked or "chunked" in value.lower()
+            elif lower == "expect" and value.strip().lower() == "100-continue":
+                self._expect_continue = version >= (1, 1)
+        self._body: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._complete = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._failed = False
+        self.consumed = False  # the whole body was read by the handler
+
+    @property
+    def body_exists(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    def header(self, name: str) -> str | None:
+        lower = name.lower()
+        for key, value in self.headers:
+            if key.lower() == lower:
+                return value
+        return None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives (llhttp has removed any chunked framing)."""
+        while True:
+            chunk = await self._next()
+            if chunk is None:
+                self.consumed = True
+                return
+            yield chunk
+
+    async def read(self) -> bytes:
+        return b"".join([chunk async for chunk in self.chunks()])
+
+    # -- fed by the connection ---------------------------------------------------------------
+
+    def _feed(self, data: bytes) -> None:
+        self._body.append(data)
+        self._buffered += len(data)
+        if self._buffered > HIGH_WATER:
+            self._conn.pause_reading("body")
+        self._wake()
+
+    def _finish(self) -> None:
+        self._complete = True
+        self._wake()
+
+    def _fail(self) -> None:
+        self._failed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def _next(self) -> bytes | None:
+        if self._expect_continue:
+            self._expect_continue = False
+            self._conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        while True:
+            if self._failed:
+                raise ConnectionResetError("the request body was malformed")
+            if self._body:
+                chunk = self._body.popleft()
+                self._buffered -= len(chunk)
+                if self._buffered < LOW_WATER:
+                    self._conn.resume_reading("body")
+                return chunk
+            if self._complete:
+                return None
+            if self._conn.closed:
+                raise ConnectionResetError("the app closed the connection")
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+
+
+class Reply:
+    """How a handler answers. ``send`` writes a whole answer at once; ``start``/``write``/``end``
+    stream one; ``take_over`` gives the raw connection to a CONNECT tunnel."""
+
+    __slots__ = ("_bodiless", "_chunked", "_close", "_conn", "_request", "started", "status")
+
+    def __init__(self, conn: _Connection, request: Request) -> None:
+        self._conn = conn
+        self._request = request
+        self.status = 0
+        self.started = False
+        self._chunked = False
+        self._close = not request.keep_alive
+        self._bodiless = request.method == "HEAD"
+
+    def _head(self, status: int, reason: str | None, headers: Iterable[tuple[str, str]]) -> bytes:
+        self.status = status
+        self.started = True
+        if self._conn.listener.stopping:
+            self._close = True
+        phrase = reason or _phrase(status)
+        lines = [f"HTTP/1.1 {status} {phrase}"]
+        lines.extend(f"{name}: {value}" for name, value in headers)
+        if self._chunked:
+            lines.append("Transfer-Encoding: chunked")
+        if self._close:
+            lines.append("Connection: close")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+
+    def send(
+        self,
+        status: int,
+        reason: str | None,
+        headers: Iterable[tuple[str, str]],
+        body: bytes = b"",
+    ) -> None:
+        """A whole answer in one write. ``headers`` must carry Content-Length for the body."""
+        head = self._head(status, reason, headers)
+        self._conn.write(head if self._bodiless or not body else head + body)
+
+    def send_error(self, error: ProxyError) -> None:
+        body = error.encode()
+        headers = [*error.headers().items(), ("Content-Length", str(len(body)))]
+        self._close = self._close or error.status == 400  # the stream may be out of sync
+        self.send(error.status, None, headers, body)
+
+    async def start(
+        self, status: int, reason: str | None, headers: Iterable[tuple[str, str]], *, sized: bool
+    ) -> None:
+        """Start a streamed answer; unsized bodies are chunked (HTTP/1.1) or end with the
+        connection (HTTP/1.0)."""
+        bodiless = self._bodiless or status in (204, 304) or 100 <= status < 200
+        if not sized and not bodiless:
+            if self._request.version >= (1, 1):
+                self._chunked = True
+            else:
+                self._close = True
+        self._bodiless = bodiless
+        self._conn.write(self._head(status, reason, headers))
+        await self._conn.drain()
+
+    async def write(self, data: bytes) -> None:
+        if not data or self._bodiless:
+            return
+        if self._chunked:
+            self._conn.write(b"%x\r\n" % len(data) + data + b"\r\n")
         else:
-            reason = type(exc).__name__ if exc else "BadRequest"
-            log.warning("malformed request", extra={"status": status, "error": reason})
-            error = BadRequest(f"malformed HTTP request ({reason}); nothing was forwarded")
-        response = error_response(error)
-        response.force_close()
-        return response
+            self._conn.write(data)
+        await self._conn.drain()
+
+    async def end(self) -> None:
+        if self._chunked:
+            self._conn.write(b"0\r\n\r\n")
+        await self._conn.drain()
+
+    def abort(self) -> None:
+        """The answer cannot be completed: close the connection (the app sees it cut)."""
+        self._close = True
+        self._conn.close()
+
+    def take_over(self, sink: Callable[[bytes], None]) -> Tunnel:
+        """Hand the connection to a tunnel: app bytes go to ``sink`` from now on."""
+        self.started = True
+        self.status = 200
+        self._close = True
+        return self._conn.tunnel(sink)
 
 
-class _Server(web.Server):
-    def __call__(self) -> web_protocol.RequestHandler:
-        return _RequestHandler(self, loop=self._loop, **self._kwargs)
+class Tunnel:
+    """The app side of a CONNECT tunnel: write to the app, pause/resume reading from it."""
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+        self.closed = conn.closed_event
+
+    def write(self, data: bytes) -> None:
+        self._conn.write(data)
+
+    async def drain(self) -> None:
+        await self._conn.drain()
+
+    def pause_reading(self) -> None:
+        self._conn.pause_reading("tunnel")
+
+    def resume_reading(self) -> None:
+        self._conn.resume_reading("tunnel")
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+Handler = Callable[[Request, Reply], Awaitable[None]]
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+class _Connection(asyncio.Protocol):
+    """One connection from the app."""
+
+    def __init__(self, listener: Listener, port: int) -> None:
+        self.listener = listener
+        self.port = port
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = b""
+        self._headers: list[tuple[str, str]] = []
+        self._head_bytes = 0
+        self._head_started: float | None = None
+        self._parsing: Request | None = None  # the request whose bytes are being parsed
+        self._queue: collections.deque[Request] = collections.deque()
+        self._active: asyncio.Task[None] | None = None
+        self._pauses: set[str] = set()
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._sink: Callable[[bytes], None] | None = None
+        self._broken = False  # a parse error: answer what is queued, then close
+        self._early_tunnel_bytes = b""  # app bytes that followed a CONNECT head
+        self.closed = False
+        self.closed_event = asyncio.Event()
+        self.last_activity = time.monotonic()
+
+    # -- transport ---------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.listener.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.closed_event.set()
+        self.listener.connections.discard(self)
+        for request in (self._parsing, *self._queue):
+            if request is not None:
+                request._wake()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_exception(ConnectionResetError("the app closed the connection"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    def write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self.closed:
+            raise ConnectionResetError("the app closed the connection")
+        if self._write_paused:
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            await self._drain_waiter
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    def pause_reading(self, reason: str) -> None:
+        if not self._pauses and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self._pauses.add(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        if reason in self._pauses:
+            self._pauses.discard(reason)
+            if not self._pauses and self.transport is not None and not self.closed:
+                self.transport.resume_reading()
+
+    def tunnel(self, sink: Callable[[bytes], None]) -> Tunnel:
+        self._sink = sink
+        early, self._early_tunnel_bytes = self._early_tunnel_bytes, b""
+        if early:
+            sink(early)
+        self.resume_reading("connect")
+        return Tunnel(self)
+
+    # -- parsing -----------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
+        if self._sink is not None:
+            self._sink(data)
+            return
+        if self._broken:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgraded(data[upgrade.args[0] :] if upgrade.args else b"")
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            reason = "headers too large" if isinstance(cause, _HeadTooLarge) else type(exc).__name__
+            self._malformed(reason)
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._head_bytes = 0
+        self._head_started = time.monotonic()
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._count(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append(
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        )
+        self._count(len(name) + len(value) + 4)
+
+    def _count(self, size: int) -> None:
+        self._head_bytes += size
+        if self._head_bytes > self.listener.max_header_bytes:
+            raise _HeadTooLarge()
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        self._head_started = None
+        request = Request(
+            self,
+            parser.get_method().decode("ascii"),
+            self._url.decode("utf-8", "surrogateescape"),
+            _version(parser.get_http_version()),
+            self._headers,
+            parser.should_keep_alive(),
+        )
+        self._parsing = request
+        self._queue.append(request)
+        if len(self._queue) > 1:
+            self.pause_reading("pipeline")  # answer in order before parsing further
+        if len(self._queue) > MAX_PIPELINED:
+            self._malformed("too many pipelined requests")
+            return
+        if self._active is None:
+            self._active = self.listener.spawn(self._serve())
+
+    def on_body(self, body: bytes) -> None:
+        if self._parsing is not None:
+            self._parsing._feed(body)
+
+    def on_message_complete(self) -> None:
+        if self._parsing is not None:
+            self._parsing._finish()
+            self._parsing = None
+
+    def _upgraded(self, rest: bytes) -> None:
+        request = self._queue[-1] if self._queue else None
+        if request is None or request.method != "CONNECT":
+            # Upgrade (WebSocket, h2c) on a plain request: not proxied.
+            self._malformed("protocol upgrade requested")
+            return
+        request._finish()
+        self._parsing = None
+        self.pause_reading("connect")  # until the tunnel (or an error answer) takes over
+        if rest:
+            self._early_tunnel_bytes = rest
+
+    def _malformed(self, reason: str) -> None:
+        self._broken = True
+        self.pause_reading("broken")
+        request, self._parsing = self._parsing, None
+        if request is not None:
+            request._fail()  # its body is cut: reading it raises, nothing incomplete is sent
+            active = self._active is not None and self._queue and self._queue[0] is request
+            if not active:
+                with contextlib.suppress(ValueError):
+                    self._queue.remove(request)
+        if self._active is None and not self._queue:
+            log.warning("malformed request", extra={"status": 400, "error": reason})
+            self._send_malformed(reason)
+
+    def _send_malformed(self, reason: str) -> None:
+        error = BadRequest(f"malformed HTTP request ({reason}); nothing was forwarded")
+        body = error.encode()
+        headers = "".join(f"{k}: {v}\r\n" for k, v in error.headers().items())
+        self.write(
+            f"HTTP/1.1 400 Bad Request\r\n{headers}Content-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n".encode()
+            + body
+        )
+        self.close()
+
+    # -- answering ---------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        listener = self.listener
+        try:
+            while self._queue and not self.closed:
+                request = self._queue[0]
+                reply = Reply(self, request)
+                await listener.dispatch(request, reply)
+                self._queue.popleft()
+                self.last_activity = time.monotonic()
+                if (
+                    reply._close
+                    or not request.keep_alive
+                    or request.method == "CONNECT"
+                    or (not request.consumed and not request._complete)
+                ):
+                    # Closing: asked to, or the body was not read to its end.
+                    self.close()
+                    return
+                if not request.consumed:
+                    request._body.clear()
+                self.resume_reading("pipeline")
+            if self._broken and not self.closed:
+                log.warning("malformed request", extra={"status": 400, "error": "pipelined"})
+                self._send_malformed("an invalid request followed")
+        finally:
+            self._active = None
+
+
+def _version(text: str) -> tuple[int, int]:
+    major, _, minor = text.partition(".")
+    return (int(major or 1), int(minor or 1))
 
 
 class Listener:
     def __init__(self, handler: Handler, *, max_header_bytes: int) -> None:
         self._handler = handler
-        self._server = _Server(
-            self._handle,
-            max_line_size=max_header_bytes,
-            max_field_size=max_header_bytes,
-            handler_cancellation=True,
-            auto_decompress=False,  # request bodies pass through as the app encoded them
-        )
-        self._sockets: list[asyncio.Server] = []
+        self.max_header_bytes = max_header_bytes
+        self._servers: list[asyncio.Server] = []
+        self.connections: set[_Connection] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
         self.in_flight = 0
+        self.stopping = False
         self._idle = asyncio.Event()
         self._idle.set()
 
     async def start(self, address: Address, *, reuse_port: bool = False) -> Address:
         """Listen on one more address (the proxy port, or a route's ``local_port``)."""
         loop = asyncio.get_running_loop()
+        port_box: list[int] = [address.port]
         server = await loop.create_server(
-            self._server, address.host, address.port, reuse_port=reuse_port or None
+            lambda: _Connection(self, port_box[0]),
+            address.host,
+            address.port,
+            reuse_port=reuse_port or None,
         )
-        self._sockets.append(server)
         host, port = server.sockets[0].getsockname()[:2]
+        port_box[0] = port
+        self._servers.append(server)
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep())
         return Address(host, port)
+
+    def spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, let in-flight requests finish for up to ``grace`` s, then close."""
-        for server in self._sockets:
+        self.stopping = True
+        for server in self._servers:
             server.close()
+        for conn in list(self.connections):
+            if conn._active is None:
+                conn.close()  # idle keep-alive connections
         try:
             await asyncio.wait_for(self._idle.wait(), grace)
         except TimeoutError:
@@ -99,36 +561,39 @@ class Listener:
                 "grace period over; closing requests still in flight",
                 extra={"in_flight": self.in_flight},
             )
-        await self._server.shutdown(timeout=0.1)
-        for server in self._sockets:
+        for conn in list(self.connections):
+            conn.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for server in self._servers:
             await server.wait_closed()
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def _sweep(self) -> None:
+        """Close idle keep-alive connections and heads that never finish arriving."""
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = time.monotonic()
+            for conn in list(self.connections):
+                if conn._sink is not None:
+                    continue
+                started = conn._head_started
+                slow_head = started is not None and now - started > HEAD_TIMEOUT
+                idle = conn._active is None and now - conn.last_activity > KEEPALIVE_IDLE
+                if slow_head or idle:
+                    conn.close()
+
+    async def dispatch(self, request: Request, reply: Reply) -> None:
         self.in_flight += 1
         self._idle.clear()
         started = time.perf_counter()
-        status = 0
         try:
-            response = await self._dispatch(request)
-            status = response.status
-            return response
-        finally:
-            self.in_flight -= 1
-            if self.in_flight == 0:
-                self._idle.set()
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug(
-                    "request",
-                    extra={
-                        "method": request.method,
-                        "status": status,
-                        "ms": round((time.perf_counter() - started) * 1000, 2),
-                    },
-                )
-
-    async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
-        try:
-            return await self._handler(request)
+            await self._handler(request, reply)
         except ProxyError as error:
             log.warning(
                 "request refused",
@@ -140,4 +605,31 @@ class Listener:
                     "detail": error.detail,
                 },
             )
-            return error_response(error)
+            if reply.started:
+                reply.abort()
+            else:
+                reply.send_error(error)
+        except ConnectionError:
+            reply.abort()  # the app went away, or its body was cut: nothing more to say
+        except asyncio.CancelledError:
+            reply.abort()
+            raise
+        except Exception as exc:
+            log.error("internal error", extra={"error": type(exc).__name__})
+            if reply.started:
+                reply.abort()
+            else:
+                reply.send_error(ProxyError("the sidecar failed to handle this request"))
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "request",
+                    extra={
+                        "method": request.method,
+                        "status": reply.status,
+                        "ms": round((time.perf_counter() - started) * 1000, 2),
+                    },
+                )

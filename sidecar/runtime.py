@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
-from aiohttp import web
 
 from sidecar import logs as logs_module
 from sidecar.admin import Admin
@@ -31,7 +30,7 @@ from sidecar.credentials.identity import WorkloadIdentity
 from sidecar.credentials.token_cache import TokenCache
 from sidecar.credentials.token_client import TokenClient
 from sidecar.errors import ConfigError, ProxyError
-from sidecar.listener import Listener
+from sidecar.listener import Listener, Reply, Request
 from sidecar.metrics import UNMATCHED, Metrics
 from sidecar.reload import ConfigWatcher
 from sidecar.routing import Route, RoutingTable
@@ -58,11 +57,6 @@ def build_snapshot(config: Config) -> Snapshot:
     for dest in config.destinations:
         tls.get(dest.ca_file)
     return Snapshot(config, RoutingTable(config), tls)
-
-
-def _local_port(request: web.BaseRequest) -> int:
-    sockname = request.transport.get_extra_info("sockname") if request.transport else None
-    return int(sockname[1]) if sockname else 0
 
 
 class Sidecar:
@@ -249,46 +243,45 @@ class Sidecar:
 
     # -- data path ----------------------------------------------------------------------------
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: Request, reply: Reply) -> None:
         snapshot = self.snapshot  # read once: this request finishes on this config
         assert snapshot is not None
-        exchange = Exchange(request.method, request.raw_path)
+        exchange = Exchange(request.method, request.target)
         self.metrics.in_flight.inc()
         try:
-            response = await self._route(request, snapshot, exchange)
-            exchange.status = response.status
-            return response
+            await self._route(request, reply, snapshot, exchange)
+            exchange.status = reply.status
         except ProxyError as error:
             exchange.status, exchange.error = error.status, error.code
             exchange.route = exchange.route or error.route
             raise
         except BaseException:
-            exchange.status, exchange.error = 500, "internal_error"
+            exchange.status, exchange.error = reply.status or 500, "internal_error"
             raise
         finally:
             self.metrics.in_flight.dec()
             self._record(exchange, snapshot)
 
     async def _route(
-        self, request: web.BaseRequest, snapshot: Snapshot, exchange: Exchange
-    ) -> web.StreamResponse:
+        self, request: Request, reply: Reply, snapshot: Snapshot, exchange: Exchange
+    ) -> None:
         routing = snapshot.routing
-        local_port = _local_port(request)
-        if local_port in routing.local_ports:
-            resolved = routing.resolve_local(local_port, request.method, request.raw_path)
+        if request.local_port in routing.local_ports:
+            resolved = routing.resolve_local(request.local_port, request.method, request.target)
         elif request.method == "CONNECT":
-            dest, host, port = routing.tunnel_for(request.raw_path)
+            dest, host, port = routing.tunnel_for(request.target)
             exchange.route, exchange.host = dest.name, f"{host}:{port}"
             self.metrics.tunnels.labels(dest.name).inc()
-            return await open_tunnel(request, dest, host, port)
+            await open_tunnel(reply, dest, host, port)
+            return
         else:
-            resolved = routing.resolve(request.method, request.raw_path)
+            resolved = routing.resolve(request.method, request.target)
         exchange.route = resolved.route.name
         exchange.host = resolved.target.host
         exchange.path = resolved.target.path
         exchange.query = resolved.target.query
         exchange.scopes = resolved.scopes
-        return await self.forwarder.forward(request, resolved, exchange)
+        await self.forwarder.forward(request, reply, resolved, exchange)
 
     def _record(self, exchange: Exchange, snapshot: Snapshot) -> None:
         known = exchange.route in snapshot.routing.all_route_names

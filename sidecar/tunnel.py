@@ -4,11 +4,9 @@ No credential is added (the bytes are TLS the app speaks end to end); the tunnel
 with its route, host, port and byte counts. Everything else that asks for CONNECT gets a 403
 saying why (see :meth:`sidecar.routing.RoutingTable.tunnel_for`).
 
-aiohttp's router never sees CONNECT (aio-libs/aiohttp#3257); the listener hands the request
-here below the router. After the ``200 Connection established`` line the connection stops
-being HTTP: the app's bytes are taken over with ``protocol.set_parser`` (the mechanism
-aiohttp's own WebSocket support uses) and written upstream; upstream bytes go straight back.
-Backpressure holds both ways: a slow reader pauses the other side's reads.
+After the ``200 Connection established`` line the connection stops being HTTP: the listener
+hands its raw bytes over (:meth:`~sidecar.listener.Reply.take_over`). Backpressure holds both
+ways: a slow upstream pauses reading from the app, a slow app pauses reading from upstream.
 """
 
 from __future__ import annotations
@@ -18,10 +16,10 @@ import contextlib
 import logging
 import socket
 
-from aiohttp import web
-
 from sidecar.config import Destination
 from sidecar.errors import Forbidden, UpstreamTimeout, UpstreamUnavailable
+from sidecar.listener import Reply, Tunnel
+from sidecar.origin_client import is_private
 
 log = logging.getLogger("sidecar.tunnel")
 
@@ -30,59 +28,56 @@ HIGH_WATER = 256 * 1024
 
 
 class _AppToUpstream:
-    """A payload parser for aiohttp's protocol: every byte from the app goes upstream."""
+    """Every byte from the app goes upstream; reading from the app pauses while it backs up."""
 
-    def __init__(self, request: web.BaseRequest, upstream: asyncio.StreamWriter) -> None:
-        self._app = request.transport
+    def __init__(self, upstream: asyncio.StreamWriter) -> None:
         self._upstream = upstream
+        self.app: Tunnel | None = None
         self.sent = 0
-        self.closed = asyncio.Event()
 
-    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+    def __call__(self, data: bytes) -> None:
         self.sent += len(data)
         self._upstream.write(data)
-        if self._upstream.transport.get_write_buffer_size() > HIGH_WATER and self._app:
-            self._app.pause_reading()
+        if self._upstream.transport.get_write_buffer_size() > HIGH_WATER and self.app:
+            self.app.pause_reading()
             asyncio.ensure_future(self._resume_after_drain())  # noqa: RUF006 - short-lived
-        return False, b""
-
-    def feed_eof(self) -> None:
-        self.closed.set()
-        with contextlib.suppress(OSError, RuntimeError):
-            if self._upstream.can_write_eof():
-                self._upstream.write_eof()
 
     async def _resume_after_drain(self) -> None:
         with contextlib.suppress(ConnectionError):
             await self._upstream.drain()
-        if self._app is not None and not self._app.is_closing():
-            self._app.resume_reading()
+        if self.app is not None:
+            self.app.resume_reading()
 
 
-async def open_tunnel(
-    request: web.BaseRequest, dest: Destination, host: str, port: int
-) -> web.StreamResponse:
+async def open_tunnel(reply: Reply, dest: Destination, host: str, port: int) -> None:
     """Dial, answer 200, pipe until either side closes. Returns once the tunnel is over."""
     reader, writer = await _dial(dest, host, port)
-    transport = request.transport
-    assert transport is not None
-    await request.writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-    to_upstream = _AppToUpstream(request, writer)
-    request.protocol.set_parser(to_upstream)  # type: ignore[arg-type]
+    to_upstream = _AppToUpstream(writer)
+    app = reply.take_over(to_upstream)
+    to_upstream.app = app
+    app.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
     received = 0
     log.info("tunnel opened", extra={"route": dest.name, "host": host, "port": port})
+    app_closed = asyncio.ensure_future(app.closed.wait())
     try:
-        while not transport.is_closing():
-            data = await reader.read(CHUNK)
+        while not app_closed.done():
+            read = asyncio.ensure_future(reader.read(CHUNK))
+            await asyncio.wait({read, app_closed}, return_when=asyncio.FIRST_COMPLETED)
+            if not read.done():
+                read.cancel()
+                break
+            data = read.result()
             if not data:
                 break
             received += len(data)
-            await request.writer.write(data)  # drains: backpressure from the app
+            app.write(data)
+            await app.drain()  # backpressure from the app
     except (ConnectionError, OSError):
         pass
     finally:
+        app_closed.cancel()
         writer.close()
-        transport.close()
+        app.close()
         log.info(
             "tunnel closed",
             extra={
@@ -93,15 +88,11 @@ async def open_tunnel(
                 "bytes_down": received,
             },
         )
-    # The connection is gone; aiohttp's attempt to send this is ignored as a client reset.
-    return web.Response(status=200)
 
 
 async def _dial(
     dest: Destination, host: str, port: int
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    from sidecar.origin_client import is_private
-
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(dest.connect_timeout):

@@ -30,8 +30,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from aiohttp import web
-
 from sidecar.audit import Exchange
 from sidecar.credentials.broker import Credentials
 from sidecar.credentials.dpop import htu
@@ -43,6 +41,7 @@ from sidecar.errors import (
     UpstreamUnavailable,
 )
 from sidecar.headers import has_app_credentials, request_headers, response_headers
+from sidecar.listener import Reply, Request
 from sidecar.origin_client import (
     Origin,
     OriginError,
@@ -105,7 +104,7 @@ def _refuse_private_literal(host: str, route: Route) -> None:
 @dataclass(frozen=True)
 class _Body:
     data: bytes | None  # buffered: replayable
-    stream: web.BaseRequest | None  # streamed: sent once
+    stream: Request | None  # streamed: sent once
     length: int | None = None  # of the stream, when the app said
 
     @property
@@ -113,12 +112,7 @@ class _Body:
         return self.stream is None
 
     def payload(self) -> bytes | AsyncIterator[bytes] | None:
-        return self.data if self.stream is None else _iter_body(self.stream)
-
-
-async def _iter_body(request: web.BaseRequest) -> AsyncIterator[bytes]:
-    async for chunk in request.content.iter_chunked(CHUNK):
-        yield chunk
+        return self.data if self.stream is None else self.stream.chunks()
 
 
 def _challenge_error(resp: Response) -> str | None:
@@ -157,11 +151,11 @@ class Forwarder:
         return parsed
 
     async def forward(
-        self, request: web.BaseRequest, resolved: Resolved, exchange: Exchange
-    ) -> web.StreamResponse:
+        self, request: Request, reply: Reply, resolved: Resolved, exchange: Exchange
+    ) -> None:
         route, target = resolved.route, resolved.target
         dest = route.destination
-        if dest.app_credentials == "refuse" and has_app_credentials(request.headers.items()):
+        if dest.app_credentials == "refuse" and has_app_credentials(request.headers):
             raise BadRequest(
                 "this route refuses requests that carry their own Authorization or DPoP header "
                 "(the sidecar supplies the credential); remove it from the app",
@@ -170,7 +164,7 @@ class Forwarder:
         up = self._origin(route.upstream_origin(target))
         if not dest.allow_private:
             _refuse_private_literal(up.host, route)
-        headers = request_headers(request.headers.items(), up.authority)
+        headers = request_headers(request.headers, up.authority)
         if dest.via:
             headers.add("Via", "1.1 spiffe-oauth-sidecar")
         body = await self._body(request)
@@ -181,8 +175,8 @@ class Forwarder:
             dest.allow_private,
         )
         async with self._slots(route):
-            return await self._exchange(
-                request, resolved, up, origin, list(headers.items()), body, exchange
+            await self._exchange(
+                request, reply, resolved, up, origin, list(headers.items()), body, exchange
             )
 
     def _slots(self, route: Route) -> asyncio.Semaphore:
@@ -195,14 +189,15 @@ class Forwarder:
 
     async def _exchange(
         self,
-        request: web.BaseRequest,
+        request: Request,
+        reply: Reply,
         resolved: Resolved,
         up: _UpstreamOrigin,
         origin: Origin,
         headers: list[tuple[str, str]],
         body: _Body,
         exchange: Exchange,
-    ) -> web.StreamResponse:
+    ) -> None:
         route, target = resolved.route, resolved.target.path
         raw = target + (f"?{resolved.target.query}" if resolved.target.query else "")
         proof_url = htu(up.scheme, up.host, up.explicit_port, target)
@@ -237,14 +232,14 @@ class Forwarder:
                 key, token = await self._credentials.token(route, resolved.scopes)
                 continue
             break
-        return await self._relay(request, resp, route)
+        await self._relay(request, reply, resp, route)
 
-    async def _body(self, request: web.BaseRequest) -> _Body:
+    async def _body(self, request: Request) -> _Body:
         if not request.body_exists:
             return _Body(None, None)
         length = request.content_length
         if length is not None and length <= self.replay_limit:
-            return _Body(await request.content.readexactly(length), None)
+            return _Body(await request.read(), None)
         return _Body(None, request, length)
 
     async def _send(
@@ -268,39 +263,31 @@ class Forwarder:
         except OriginError as exc:
             raise _proxy_error(exc, route) from exc
 
-    async def _relay(
-        self, request: web.BaseRequest, resp: Response, route: Route
-    ) -> web.StreamResponse:
+    async def _relay(self, request: Request, reply: Reply, resp: Response, route: Route) -> None:
         try:
-            bodiless = request.method == "HEAD" or resp.status in (204, 304)
+            headers = response_headers(resp.headers.items())
             length = resp.content_length
+            bodiless = request.method == "HEAD" or resp.status in (204, 304)
             if not bodiless and length is not None and length <= WHOLE_BODY_LIMIT:
                 try:
                     body = await resp.read()
                 except OriginError as exc:
                     # Nothing has reached the app yet: it gets a clean error, not a cut body.
                     raise _proxy_error(exc, route, mid_response=True) from exc
-                whole = web.Response(status=resp.status, reason=resp.reason or None, body=body)
-                whole.headers.extend(response_headers(resp.headers.items()))
-                return whole
-            out = web.StreamResponse(status=resp.status, reason=resp.reason or None)
-            out.headers.extend(response_headers(resp.headers.items()))
-            if not bodiless and length is None and request.version >= (1, 1):
-                out.enable_chunked_encoding()
-            await out.prepare(request)
+                reply.send(resp.status, resp.reason, headers.items(), body)
+                return
+            await reply.start(resp.status, resp.reason, headers.items(), sized=length is not None)
             try:
                 async for chunk in resp.chunks():
-                    await out.write(chunk)  # drain() inside: backpressure from the app
+                    await reply.write(chunk)  # drains: backpressure from the app
             except OriginError as exc:
                 log.warning(
                     "upstream failed mid-response; closing the connection to the app",
                     extra={"route": route.name, "error": type(exc).__name__},
                 )
-                if request.transport is not None:
-                    request.transport.close()
-                return out
-            await out.write_eof()
-            return out
+                reply.abort()
+                return
+            await reply.end()
         finally:
             resp.release()
 

@@ -56,7 +56,7 @@ def request_headers(headers: Iterable[tuple[str, str]], host: str) -> CIMultiDic
         if (
             _is_hop(lower, listed)
             or lower in APP_CREDENTIALS
-            or lower in ("host", "content-length")
+            or lower in ("host", "content-length", "expect")  # the sidecar has the body already
         ):
             continue
         out.add(name, value)

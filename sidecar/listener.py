@@ -59,6 +59,7 @@ class Request:
         "local_port",
         "method",
         "target",
+        "upgrade",
         "version",
     )
 
@@ -81,9 +82,12 @@ class Request:
         self.content_length: int | None = None
         self.chunked = False
         self._expect_continue = False
+        self.upgrade = False  # asks to switch protocols (WebSocket, h2c): refused
         for name, value in headers:
             lower = name.lower()
-            if lower == "content-length":
+            if lower == "upgrade":
+                self.upgrade = method != "CONNECT"
+            elif lower == "content-length":
                 self.content_length = int(value)  # llhttp has checked it: one, and a number
             elif lower == "transfer-encoding":
                 self.chunked = self.chunked or "chunked" in value.lower()
@@ -384,7 +388,14 @@ class _Connection(asyncio.Protocol):
             self._upgraded(data[upgrade.args[0] :] if upgrade.args else b"")
         except httptools.HttpParserError as exc:
             cause = exc.__context__
-            reason = "headers too large" if isinstance(cause, _HeadTooLarge) else type(exc).__name__
+            if isinstance(cause, _HeadTooLarge):
+                reason = "headers too large"
+            else:
+                reason = type(exc).__name__
+                if cause is not None:  # our callback failed: a bug, not the app's fault
+                    log.error(
+                        "internal error parsing a request", extra={"error": type(cause).__name__}
+                    )
             self._malformed(reason)
 
     def on_message_begin(self) -> None:
@@ -441,8 +452,10 @@ class _Connection(asyncio.Protocol):
     def _upgraded(self, rest: bytes) -> None:
         request = self._queue[-1] if self._queue else None
         if request is None or request.method != "CONNECT":
-            # Upgrade (WebSocket, h2c) on a plain request: not proxied.
-            self._malformed("protocol upgrade requested")
+            # Upgrade (WebSocket, h2c) on a plain request: that request is answered with a
+            # 400 (Request.upgrade); nothing after it is parsed.
+            self._broken = True
+            self.pause_reading("broken")
             return
         request._finish()
         self._parsing = None
@@ -499,8 +512,7 @@ class _Connection(asyncio.Protocol):
                     request._body.clear()
                 self.resume_reading("pipeline")
             if self._broken and not self.closed:
-                log.warning("malformed request", extra={"status": 400, "error": "pipelined"})
-                self._send_malformed("an invalid request followed")
+                self.close()  # what followed could not be parsed: nothing more is answered
         finally:
             self._active = None
 
@@ -593,6 +605,11 @@ class Listener:
         self._idle.clear()
         started = time.perf_counter()
         try:
+            if request.upgrade:
+                raise BadRequest(
+                    "protocol upgrades (WebSocket, h2c) are not supported through the sidecar; "
+                    "only plain HTTP/1.1 requests are"
+                )
             await self._handler(request, reply)
         except ProxyError as error:
             log.warning(

@@ -29,35 +29,30 @@ HOP_BY_HOP = frozenset(
 APP_CREDENTIALS = frozenset({"authorization", "dpop"})
 
 
-def _connection_listed(headers: Iterable[tuple[str, str]]) -> set[str]:
+def _connection_listed(lowered: list[tuple[str, str, str]]) -> frozenset[str]:
     listed: set[str] = set()
-    for name, value in headers:
-        if name.lower() == "connection":
+    for lower, _, value in lowered:
+        if lower == "connection":
             listed.update(t.strip().lower() for t in value.split(",") if t.strip())
-    return listed
-
-
-def _is_hop(name: str, listed: set[str]) -> bool:
-    return name in HOP_BY_HOP or name.startswith("proxy-") or name in listed
+    return frozenset(listed)
 
 
 def has_app_credentials(headers: Iterable[tuple[str, str]]) -> bool:
     return any(name.lower() in APP_CREDENTIALS for name, _ in headers)
 
 
+_REQUEST_DROP = HOP_BY_HOP | APP_CREDENTIALS | {"host", "content-length", "expect"}
+# Host is ours to set; Content-Length is the forwarder's; Expect: the sidecar has the body.
+
+
 def request_headers(headers: Iterable[tuple[str, str]], host: str) -> CIMultiDict[str]:
     """What to send upstream, before our Authorization/DPoP are added."""
-    pairs = list(headers)
-    listed = _connection_listed(pairs)
+    lowered = [(name.lower(), name, value) for name, value in headers]
+    listed = _connection_listed(lowered)
     out: CIMultiDict[str] = CIMultiDict()
     out["Host"] = host
-    for name, value in pairs:
-        lower = name.lower()
-        if (
-            _is_hop(lower, listed)
-            or lower in APP_CREDENTIALS
-            or lower in ("host", "content-length", "expect")  # the sidecar has the body already
-        ):
+    for lower, name, value in lowered:
+        if lower in _REQUEST_DROP or lower in listed or lower.startswith("proxy-"):
             continue
         out.add(name, value)
     return out
@@ -65,10 +60,11 @@ def request_headers(headers: Iterable[tuple[str, str]], host: str) -> CIMultiDic
 
 def response_headers(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
     """What to send back to the app."""
-    pairs = list(headers)
-    listed = _connection_listed(pairs)
+    lowered = [(name.lower(), name, value) for name, value in headers]
+    listed = _connection_listed(lowered)
     out: CIMultiDict[str] = CIMultiDict()
-    for name, value in pairs:
-        if not _is_hop(name.lower(), listed):
-            out.add(name, value)
+    for lower, name, value in lowered:
+        if lower in HOP_BY_HOP or lower in listed or lower.startswith("proxy-"):
+            continue
+        out.add(name, value)
     return out

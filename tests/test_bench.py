@@ -51,6 +51,6 @@ def test_report_states_ratios_and_targets_met_or_missed() -> None:
     text = report(proxies, samples, meta)
     assert "| (d) dpop | 8500 (8000–9000)" in text
     assert "5.0×" in text  # 100 µs median against nginx's 20
-    assert "dpop: 100 µs CPU/request, target ≤ 100 µs — met" in text
+    assert "dpop: 100 µs CPU/request, target ≤ 100 µs — met" in text  # no reference: absolute
     assert "`--workers 2` throughput: 1.88× one worker." in text
     assert "+0.25" in text  # added p50 over direct, paced

@@ -29,6 +29,7 @@ import httptools
 
 from sidecar.config import Address
 from sidecar.errors import BadRequest, ProxyError
+from sidecar.flow import WriteFlow
 
 log = logging.getLogger("sidecar.listener")
 
@@ -306,8 +307,7 @@ class _Connection(asyncio.Protocol):
         self._queue: collections.deque[Request] = collections.deque()
         self._active: asyncio.Task[None] | None = None
         self._pauses: set[str] = set()
-        self._write_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
+        self._flow = WriteFlow()
         self._sink: Callable[[bytes], None] | None = None
         self._broken = False  # a parse error: answer what is queued, then close
         self._early_tunnel_bytes = b""  # app bytes that followed a CONNECT head
@@ -328,16 +328,13 @@ class _Connection(asyncio.Protocol):
         for request in (self._parsing, *self._queue):
             if request is not None:
                 request._wake()
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_exception(ConnectionResetError("the app closed the connection"))
+        self._flow.fail(ConnectionResetError("the app closed the connection"))
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self._flow.pause()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_result(None)
+        self._flow.resume()
 
     def write(self, data: bytes) -> None:
         if not self.closed and self.transport is not None:
@@ -346,9 +343,9 @@ class _Connection(asyncio.Protocol):
     async def drain(self) -> None:
         if self.closed:
             raise ConnectionResetError("the app closed the connection")
-        if self._write_paused:
-            self._drain_waiter = asyncio.get_running_loop().create_future()
-            await self._drain_waiter
+        waiter = self._flow.waiter()
+        if waiter is not None:
+            await waiter
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:

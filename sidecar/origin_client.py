@@ -30,6 +30,8 @@ from typing import Any, cast
 import httptools
 from multidict import CIMultiDict
 
+from sidecar.flow import WriteFlow
+
 HIGH_WATER = 256 * 1024  # body bytes buffered from the origin before reading pauses
 LOW_WATER = 64 * 1024
 MAX_HEAD_BYTES = 64 * 1024  # response status line and headers
@@ -130,8 +132,7 @@ class _Connection(asyncio.Protocol):
         self._complete = False
         self._failed: OriginError | None = None
         self._paused_reading = False
-        self._write_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
+        self._flow = WriteFlow()
         self._timeouts: Timeouts | None = None
         self._eof_body = False  # the body of the current response ends with the connection
         self.received_any = False
@@ -167,16 +168,13 @@ class _Connection(asyncio.Protocol):
                 self._wake_body()
             else:
                 self._fail(OriginBroken("the origin closed the connection"))
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_exception(OriginBroken("the origin closed the connection"))
+        self._flow.fail(OriginBroken("the origin closed the connection"))
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self._flow.pause()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
-        if self._drain_waiter is not None and not self._drain_waiter.done():
-            self._drain_waiter.set_result(None)
+        self._flow.resume()
 
     # -- parser callbacks --------------------------------------------------------------------
 
@@ -287,9 +285,9 @@ class _Connection(asyncio.Protocol):
             raise self._failed
         if self.closed:
             raise OriginBroken("the origin closed the connection")
-        if self._write_paused:
-            self._drain_waiter = self._loop.create_future()
-            await self._wait(self._drain_waiter, "accepting the request body")
+        waiter = self._flow.waiter()
+        if waiter is not None:
+            await self._wait(waiter, "accepting the request body")
 
     async def response(self) -> Response:
         assert self._head is not None

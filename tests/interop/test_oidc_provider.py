@@ -25,6 +25,7 @@ URL = f"http://{SAAS_HOST}/v1/invoices"
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 SCOPES = ["invoices:read", "invoices:write"]
 RESOURCES = {SAAS_RESOURCE: {"scopes": SCOPES, "ttl": 600}}
+MTLS = {"client_auth": "mtls", "grant": "client_credentials", "dpop": True}
 
 
 def mtls_client(spiffe_id: str, **extra: Any) -> dict[str, Any]:
@@ -111,7 +112,7 @@ async def test_tls_client_auth_with_the_x509_svid_and_dpop_nonces(
     stack: DevStack, interop: Callable[..., Any]
 ) -> None:
     env = await interop(mtls_client(stack.spiffe_id))
-    overrides = env.overrides(client_auth="mtls", grant="client_credentials", dpop=True)
+    overrides = env.overrides(**MTLS)
     async with running_sidecar(stack, **overrides) as sidecar, AppClient(sidecar) as app:
         status, _, body = await app.request("GET", URL)
         assert status == 200, body
@@ -142,7 +143,7 @@ async def test_a_certificate_for_another_spiffe_id_is_refused(
 ) -> None:
     other = "spiffe://example.org/ns/payments/sa/ledger"
     env = await interop(mtls_client(stack.spiffe_id, tls_client_auth_san_uri=other))
-    overrides = env.overrides(client_auth="mtls", grant="client_credentials", dpop=True)
+    overrides = env.overrides(**MTLS)
     async with running_sidecar(stack, **overrides) as sidecar, AppClient(sidecar) as app:
         status, _, body = await app.request("GET", URL)
 
@@ -179,7 +180,7 @@ async def test_an_unknown_resource_is_refused_with_the_providers_error(
     stack: DevStack, interop: Callable[..., Any]
 ) -> None:
     env = await interop(mtls_client(stack.spiffe_id))
-    overrides = env.overrides(client_auth="mtls", grant="client_credentials", dpop=True)
+    overrides = env.overrides(**MTLS)
     overrides["destination"]["resource"] = "https://not-registered.example"
     async with running_sidecar(stack, **overrides) as sidecar, AppClient(sidecar) as app:
         status, _, body = await app.request("GET", URL)
@@ -193,7 +194,7 @@ async def test_x509_rotation_gets_a_new_token_from_the_provider(
     stack: DevStack, interop: Callable[..., Any]
 ) -> None:
     env = await interop(mtls_client(stack.spiffe_id))
-    overrides = env.overrides(client_auth="mtls", grant="client_credentials", dpop=True)
+    overrides = env.overrides(**MTLS)
     async with running_sidecar(stack, **overrides) as sidecar, AppClient(sidecar) as app:
         status, _, body = await app.request("GET", URL)
         assert status == 200, body

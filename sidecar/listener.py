@@ -38,6 +38,7 @@ LOW_WATER = 64 * 1024
 MAX_PIPELINED = 16  # requests parsed ahead of the one being answered
 KEEPALIVE_IDLE = 75.0  # seconds an idle keep-alive connection is kept
 HEAD_TIMEOUT = 30.0  # seconds to receive a request head once it started (slow-loris)
+BODY_IDLE_TIMEOUT = 60.0  # seconds without a byte of a request body the data path waits for
 SWEEP_INTERVAL = 5.0
 
 
@@ -62,6 +63,7 @@ class Request:
         "target",
         "upgrade",
         "version",
+        "waiting_since",
     )
 
     def __init__(
@@ -100,6 +102,7 @@ class Request:
         self._waiter: asyncio.Future[None] | None = None
         self._failed = False
         self.consumed = False  # the whole body was read by the handler
+        self.waiting_since: float | None = None  # the handler waits for body bytes since
 
     @property
     def body_exists(self) -> bool:
@@ -163,7 +166,11 @@ class Request:
             if self._conn.closed:
                 raise ConnectionResetError("the app closed the connection")
             self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
+            self.waiting_since = time.monotonic()
+            try:
+                await self._waiter
+            finally:
+                self.waiting_since = None
 
 
 class Reply:
@@ -193,6 +200,8 @@ class Reply:
             lines.append("Transfer-Encoding: chunked")
         if self._close:
             lines.append("Connection: close")
+        elif self._request.version < (1, 1):
+            lines.append("Connection: keep-alive")  # HTTP/1.0 assumes close unless told
         return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
 
     def send(
@@ -361,6 +370,18 @@ class _Connection(asyncio.Protocol):
             self._pauses.discard(reason)
             if not self._pauses and self.transport is not None and not self.closed:
                 self.transport.resume_reading()
+
+    def expired(self, now: float) -> bool:
+        """A head that never finishes, a body that stopped arriving, or an idle keep-alive."""
+        if self._sink is not None:
+            return False  # tunnels end when either side closes
+        started = self._head_started
+        if started is not None and now - started > HEAD_TIMEOUT:
+            return True
+        waiting = self._queue[0].waiting_since if self._queue else None
+        if waiting is not None and now - max(waiting, self.last_activity) > BODY_IDLE_TIMEOUT:
+            return True
+        return self._active is None and now - self.last_activity > KEEPALIVE_IDLE
 
     def tunnel(self, sink: Callable[[bytes], None]) -> Tunnel:
         self._sink = sink
@@ -589,12 +610,7 @@ class Listener:
             await asyncio.sleep(SWEEP_INTERVAL)
             now = time.monotonic()
             for conn in list(self.connections):
-                if conn._sink is not None:
-                    continue
-                started = conn._head_started
-                slow_head = started is not None and now - started > HEAD_TIMEOUT
-                idle = conn._active is None and now - conn.last_activity > KEEPALIVE_IDLE
-                if slow_head or idle:
+                if conn.expired(now):
                     conn.close()
 
     async def dispatch(self, request: Request, reply: Reply) -> None:

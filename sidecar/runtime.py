@@ -122,6 +122,8 @@ class Sidecar:
         )
         self.metrics.bind(self)
         self.listener = Listener(self.handle, max_header_bytes=config.max_header_bytes)
+        listener = self.listener
+        self.metrics.in_flight.set_function(lambda: listener.in_flight)  # read at scrape time
         self.admin = Admin(self)
         if config.admin is not None:
             self.admin_address = await self.admin.start(config.admin, reuse_port=self._reuse_port)
@@ -247,7 +249,6 @@ class Sidecar:
         snapshot = self.snapshot  # read once: this request finishes on this config
         assert snapshot is not None
         exchange = Exchange(request.method, request.target)
-        self.metrics.in_flight.inc()
         try:
             await self._route(request, reply, snapshot, exchange)
             exchange.status = reply.status
@@ -259,7 +260,6 @@ class Sidecar:
             exchange.status, exchange.error = reply.status or 500, "internal_error"
             raise
         finally:
-            self.metrics.in_flight.dec()
             self._record(exchange, snapshot)
 
     async def _route(

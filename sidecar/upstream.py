@@ -236,7 +236,8 @@ class Forwarder:
 
     async def _body(self, request: Request) -> _Body:
         if not request.body_exists:
-            return _Body(None, None)
+            # "Content-Length: 0" is passed on (a POST without it may get 411); no header, none.
+            return _Body(b"" if request.content_length == 0 else None, None)
         length = request.content_length
         if length is not None and length <= self.replay_limit:
             return _Body(await request.read(), None)

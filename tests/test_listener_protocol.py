@@ -6,8 +6,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import time
+from typing import Any
 
 from sidecar.devstack.stack import SAAS_HOST, DevStack
+from sidecar.listener import (
+    BODY_IDLE_TIMEOUT,
+    HEAD_TIMEOUT,
+    KEEPALIVE_IDLE,
+    Listener,
+    Reply,
+    Request,
+    _Connection,
+)
 from tests.conftest import AppClient
 
 GET = f"GET http://{SAAS_HOST}/v1/invoices HTTP/1.1\r\nHost: {SAAS_HOST}\r\n"
@@ -120,3 +131,77 @@ async def test_head_requests_get_headers_without_a_body(stack: DevStack, app: Ap
     head, _, body = answer.partition(b"\r\n\r\n")
     assert statuses(head) == [200]
     assert body == b""
+
+
+async def test_content_length_zero_is_passed_on(stack: DevStack, app: AppClient) -> None:
+    answer = await exchange(
+        app,
+        f"POST http://{SAAS_HOST}/v1/invoices HTTP/1.1\r\nHost: {SAAS_HOST}\r\n"
+        "Content-Length: 0\r\nConnection: close\r\n\r\n".encode(),
+    )
+    assert statuses(answer) == [200]
+    assert ("Content-Length", "0") in stack.saas.requests[-1].headers
+
+
+async def test_http_1_0_keep_alive_is_acknowledged(stack: DevStack, app: AppClient) -> None:
+    reader, writer = await asyncio.open_connection(app.address.host, app.address.port)
+    try:
+        for _ in range(2):  # the same connection twice
+            request = f"GET http://{SAAS_HOST}/v1/invoices HTTP/1.0\r\nConnection: keep-alive"
+            writer.write(f"{request}\r\n\r\n".encode())
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert b"Connection: keep-alive" in head
+            match = re.search(rb"Content-Length: (\d+)", head)
+            assert match is not None
+            length = int(match.group(1))
+            await reader.readexactly(length)
+    finally:
+        writer.close()
+    assert len(stack.saas.requests) == 2
+
+
+# -- expiry, decided by the protocol alone (fed bytes directly, clock values given) -------------
+
+
+def _connection() -> tuple[Listener, Any]:
+    reading = asyncio.Event()
+
+    async def handler(request: Request, reply: Reply) -> None:
+        reading.set()
+        await request.read()
+
+    listener = Listener(handler, max_header_bytes=16384)
+    conn = _Connection(listener, 15001)
+    conn.reading = reading  # type: ignore[attr-defined]
+    return listener, conn
+
+
+async def test_a_head_that_never_finishes_expires() -> None:
+    _, conn = _connection()
+    conn.data_received(b"GET http://a.example/ HTTP/1.1\r\nHost: a.exa")
+    now = time.monotonic()
+    assert not conn.expired(now)
+    assert conn.expired(now + HEAD_TIMEOUT + 1)
+
+
+async def test_an_idle_keep_alive_connection_expires() -> None:
+    _, conn = _connection()
+    assert not conn.expired(conn.last_activity + KEEPALIVE_IDLE - 1)
+    assert conn.expired(conn.last_activity + KEEPALIVE_IDLE + 1)
+
+
+async def test_a_body_that_stops_arriving_expires_but_a_slow_answer_does_not() -> None:
+    listener, conn = _connection()
+    conn.data_received(
+        b"POST http://a.example/ HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc"
+    )
+    await asyncio.wait_for(conn.reading.wait(), 5)
+    await asyncio.sleep(0)  # one loop turn: the handler is now waiting for the rest of the body
+    now = time.monotonic()
+    assert not conn.expired(now + BODY_IDLE_TIMEOUT - 5)
+    assert conn.expired(now + BODY_IDLE_TIMEOUT + 1)
+    conn.data_received(b"defghij")  # the rest arrives: the handler finishes
+    await asyncio.wait_for(listener._idle.wait(), 5)
+    # Now an idle keep-alive connection: only KEEPALIVE_IDLE (longer) applies.
+    assert not conn.expired(time.monotonic() + BODY_IDLE_TIMEOUT + 1)
+    await listener.stop(0)

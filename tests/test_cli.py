@@ -221,3 +221,25 @@ async def test_workers_share_the_port_and_stop_together(stack: DevStack, tmp_pat
             await proc.wait()
     # Each worker has its own token cache: at most one token request per worker.
     assert 1 <= len(stack.auth_server.token_requests) <= 2
+
+
+async def test_demo_runs_end_to_end_and_exits_0() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sidecar",
+        "demo",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    text = out.decode()
+    for method in ("GET", "POST"):
+        assert f"{method} http://api.saas.example/v1/invoices" in text
+    assert text.count("route          saas") == 2
+    assert "scopes asked: invoices:read" in text
+    assert "scopes asked: invoices:write" in text
+    assert text.count("cnf.jkt=") == 2
+    assert "sha256 matches" in text
+    assert "eyJ" not in text  # claims are shown, never a token or proof

@@ -38,16 +38,23 @@ async def run_demo(*, serve: bool = False) -> int:
             _say(f"  SaaS API       {stack.saas.base_url}  (the app calls it http://{SAAS_HOST})")
             _say(f"  sidecar        HTTP_PROXY={proxy}  admin http://{sidecar.admin_address}")
             _say()
-            ok = await _exchange(stack, proxy, "GET", f"http://{SAAS_HOST}/v1/invoices?limit=2")
+            get_url = f"http://{SAAS_HOST}/v1/invoices?limit=2"
+            ok = await _exchange(stack, sidecar, proxy, "GET", get_url)
             body = json.dumps({"customer": "ACME", "amount": 1200}).encode()
-            ok &= await _exchange(stack, proxy, "POST", f"http://{SAAS_HOST}/v1/invoices", body)
+            post_url = f"http://{SAAS_HOST}/v1/invoices"
+            ok &= await _exchange(stack, sidecar, proxy, "POST", post_url, body)
             if serve:
                 await _serve_forever(stack, proxy)
             return 0 if ok else 1
 
 
 async def _exchange(
-    stack: DevStack, proxy: str, method: str, url: str, body: bytes | None = None
+    stack: DevStack,
+    sidecar: Sidecar,
+    proxy: str,
+    method: str,
+    url: str,
+    body: bytes | None = None,
 ) -> bool:
     tokens_before = len(stack.auth_server.token_requests)
     seen_before = len(stack.saas.requests)
@@ -58,6 +65,11 @@ async def _exchange(
     ):
         answer = await resp.read()
     _say(f"{method} {url}")
+    assert sidecar.snapshot is not None
+    resolved = sidecar.snapshot.routing.resolve(method, url)  # what the sidecar chose, and why
+    upstream = resolved.route.upstream_origin(resolved.target)
+    scopes = " ".join(resolved.scopes)
+    _say(f"  route          {resolved.route.name} -> {upstream}  scopes asked: {scopes}")
     _say(f"  app got        HTTP {resp.status} {_short(answer)}")
     new_tokens = stack.auth_server.token_requests[tokens_before:]
     for record in new_tokens:

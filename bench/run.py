@@ -173,7 +173,7 @@ http {{
 class Origin:
     url: str
     kind: str
-    stop: Any
+    stop: Any  # () -> None | Awaitable[None]
 
 
 async def start_origin(stack: DevStack, work: Path, nginx: str | None) -> Origin:
@@ -203,7 +203,7 @@ async def start_origin(stack: DevStack, work: Path, nginx: str | None) -> Origin
     runner = web.ServerRunner(web.Server(handle), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port, ssl_context=tls.server_context()).start()
-    return Origin(f"https://127.0.0.1:{port}", "aiohttp", lambda: None)
+    return Origin(f"https://127.0.0.1:{port}", "aiohttp", runner.cleanup)
 
 
 def _free_port() -> int:
@@ -263,6 +263,7 @@ async def sidecar_proxy(
         path = work / f"sidecar-{name}.yaml"
         path.write_text(yaml.safe_dump(doc))
         started = time.perf_counter()
+        log_file = (work / f"sidecar-{name}.log").open("wb")
         process = subprocess.Popen(
             [
                 sys.executable,
@@ -274,7 +275,7 @@ async def sidecar_proxy(
                 "--workers",
                 str(workers),
             ],
-            stderr=(work / f"sidecar-{name}.log").open("wb"),
+            stderr=log_file,
         )
         try:
             try:
@@ -303,6 +304,7 @@ async def sidecar_proxy(
         finally:
             process.terminate()
             await asyncio.to_thread(process.wait, 30)
+            log_file.close()
 
 
 async def _wait_ready(admin: int, timeout: float = 30.0) -> float:
@@ -558,7 +560,10 @@ async def bench(args: argparse.Namespace) -> str:
         work.chmod(0o755)
         async with dev_stack(work) as stack, contextlib.AsyncExitStack() as stack_exit:
             origin = await start_origin(stack, work, nginx)
-            stack_exit.callback(origin.stop)
+            if nginx:
+                stack_exit.callback(origin.stop)
+            else:
+                stack_exit.push_async_callback(origin.stop)
             proxies = [Proxy("direct", "(a) direct to origin", None)]
             if nginx:
                 proxies.append(nginx_proxy(nginx, origin, stack, work))
@@ -607,9 +612,10 @@ async def bench(args: argparse.Namespace) -> str:
                 "duration": args.duration,
             }
             table = report(proxies, samples, meta)
-            RESULTS.mkdir(exist_ok=True)
+            results = args.results
+            results.mkdir(parents=True, exist_ok=True)
             stamp = time.strftime("%Y%m%dT%H%M%S")
-            (RESULTS / f"{stamp}.json").write_text(
+            (results / f"{stamp}.json").write_text(
                 json.dumps(
                     {
                         "meta": meta,
@@ -618,7 +624,7 @@ async def bench(args: argparse.Namespace) -> str:
                     indent=1,
                 )
             )
-            (RESULTS / "latest.md").write_text(table)
+            (results / "latest.md").write_text(table)
             return table
 
 
@@ -629,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=480.0, help="stop starting rounds after")
     parser.add_argument("--only", nargs="*", help="sidecar configurations: bearer dpop dpop2")
     parser.add_argument("--python-load", action="store_true", help="use bench.load, not wrk")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where to write results")
     parser.add_argument("--aiohttp-origin", action="store_true", help="do not use nginx")
     parser.add_argument(
         "--install",
@@ -640,5 +647,5 @@ def main(argv: list[str] | None = None) -> int:
     table = asyncio.run(bench(args))
     print()
     print(table)
-    print(f"written to {RESULTS / 'latest.md'}")
+    print(f"written to {args.results / 'latest.md'}")
     return 0

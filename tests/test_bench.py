@@ -4,11 +4,13 @@ is judged by `make bench`, as ratios within one run)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 from bench.micro.run import main as micro_main
 from bench.run import Proxy, Samples, cpu_seconds, peak_rss_mb, process_tree, report
+from bench.run import main as bench_main
 
 
 def test_micro_benchmarks_run_and_print_ratios(capsys: pytest.CaptureFixture[str]) -> None:
@@ -54,3 +56,24 @@ def test_report_states_ratios_and_targets_met_or_missed() -> None:
     assert "dpop: 100 µs CPU/request, target ≤ 100 µs — met" in text  # no reference: absolute
     assert "`--workers 2` throughput: 1.88× one worker." in text
     assert "+0.25" in text  # added p50 over direct, paced
+
+
+def test_the_harness_runs_end_to_end_with_its_fallbacks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`make bench` on a machine without nginx or wrk: aiohttp origin, Python load generator."""
+    code = bench_main(
+        [
+            "--rounds", "1", "--duration", "0.3", "--only", "bearer",
+            "--python-load", "--aiohttp-origin", "--no-install", "--results", str(tmp_path),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    table = (tmp_path / "latest.md").read_text()
+    assert "origin: aiohttp" in table
+    assert "load: bench.load (Python fallback)" in table
+    for label in ("(a) direct to origin", "(r) reference", "(c) sidecar, Bearer"):
+        assert label in table
+    assert "errors 0" in capsys.readouterr().out
+    (samples,) = tmp_path.glob("*.json")
+    assert samples.stat().st_size > 0

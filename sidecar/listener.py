@@ -314,7 +314,9 @@ class _Connection(asyncio.Protocol):
         self._head_started: float | None = None
         self._parsing: Request | None = None  # the request whose bytes are being parsed
         self._queue: collections.deque[Request] = collections.deque()
-        self._active: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # answers requests, one at a time
+        self._next: asyncio.Future[None] | None = None  # the task waits here for a request
+        self.busy = False  # a request is being answered
         self._pauses: set[str] = set()
         self._flow = WriteFlow()
         self._sink: Callable[[bytes], None] | None = None
@@ -338,6 +340,8 @@ class _Connection(asyncio.Protocol):
             if request is not None:
                 request._wake()
         self._flow.fail(ConnectionResetError("the app closed the connection"))
+        if self._next is not None and not self._next.done():
+            self._next.set_result(None)  # the serving task sees the connection closed and ends
 
     def pause_writing(self) -> None:
         self._flow.pause()
@@ -381,7 +385,7 @@ class _Connection(asyncio.Protocol):
         waiting = self._queue[0].waiting_since if self._queue else None
         if waiting is not None and now - max(waiting, self.last_activity) > BODY_IDLE_TIMEOUT:
             return True
-        return self._active is None and now - self.last_activity > KEEPALIVE_IDLE
+        return not self.busy and now - self.last_activity > KEEPALIVE_IDLE
 
     def tunnel(self, sink: Callable[[bytes], None]) -> Tunnel:
         self._sink = sink
@@ -455,8 +459,10 @@ class _Connection(asyncio.Protocol):
         if len(self._queue) > MAX_PIPELINED:
             self._malformed("too many pipelined requests")
             return
-        if self._active is None:
-            self._active = self.listener.spawn(self._serve())
+        if self._task is None:
+            self._task = self.listener.spawn(self._serve())
+        elif self._next is not None and not self._next.done():
+            self._next.set_result(None)
 
     def on_body(self, body: bytes) -> None:
         if self._parsing is not None:
@@ -487,11 +493,11 @@ class _Connection(asyncio.Protocol):
         request, self._parsing = self._parsing, None
         if request is not None:
             request._fail()  # its body is cut: reading it raises, nothing incomplete is sent
-            active = self._active is not None and self._queue and self._queue[0] is request
+            active = self.busy and self._queue and self._queue[0] is request
             if not active:
                 with contextlib.suppress(ValueError):
                     self._queue.remove(request)
-        if self._active is None and not self._queue:
+        if not self.busy and not self._queue:
             log.warning("malformed request", extra={"status": 400, "error": reason})
             self._send_malformed(reason)
 
@@ -509,12 +515,26 @@ class _Connection(asyncio.Protocol):
     # -- answering ---------------------------------------------------------------------------
 
     async def _serve(self) -> None:
+        """One task per connection: answer queued requests in order, wait for the next."""
         listener = self.listener
+        loop = asyncio.get_running_loop()
         try:
-            while self._queue and not self.closed:
+            while not self.closed:
+                if not self._queue:
+                    if self._broken:
+                        self.close()  # what followed could not be parsed: nothing more
+                        return
+                    self._next = loop.create_future()
+                    await self._next
+                    self._next = None
+                    continue
                 request = self._queue[0]
                 reply = Reply(self, request)
-                await listener.dispatch(request, reply)
+                self.busy = True
+                try:
+                    await listener.dispatch(request, reply)
+                finally:
+                    self.busy = False
                 self._queue.popleft()
                 self.last_activity = time.monotonic()
                 if (
@@ -529,10 +549,8 @@ class _Connection(asyncio.Protocol):
                 if not request.consumed:
                     request._body.clear()
                 self.resume_reading("pipeline")
-            if self._broken and not self.closed:
-                self.close()  # what followed could not be parsed: nothing more is answered
         finally:
-            self._active = None
+            self._task = None
 
 
 def _version(text: str) -> tuple[int, int]:
@@ -582,7 +600,7 @@ class Listener:
         for server in self._servers:
             server.close()
         for conn in list(self.connections):
-            if conn._active is None:
+            if not conn.busy:
                 conn.close()  # idle keep-alive connections
         try:
             await asyncio.wait_for(self._idle.wait(), grace)

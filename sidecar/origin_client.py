@@ -96,6 +96,9 @@ class Response:
 
     async def read(self) -> bytes:
         """The whole body (callers only do this for a known, bounded ``content_length``)."""
+        conn = self._conn
+        if conn.complete_body_ready():  # usual for small answers: already all here
+            return conn.take_body()
         parts = [chunk async for chunk in self.chunks()]
         return b"".join(parts)
 
@@ -311,6 +314,18 @@ class _Connection(asyncio.Protocol):
                 raise self._failed
             self._body_waiter = self._loop.create_future()
             await self._wait(self._body_waiter, "sending the response body")
+
+    def complete_body_ready(self) -> bool:
+        return self._complete and self._failed is None
+
+    def take_body(self) -> bytes:
+        body = b"".join(self._body)
+        self._body.clear()
+        self._buffered = 0
+        if self._paused_reading and self.transport is not None:
+            self._paused_reading = False
+            self.transport.resume_reading()
+        return body
 
     def finish(self) -> None:
         """The exchange is over: back to the pool if clean and complete, else close."""

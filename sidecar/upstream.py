@@ -137,6 +137,7 @@ class Forwarder:
         self.replay_limit = replay_limit
         self._pool = Pool()
         self._origins: dict[str, _UpstreamOrigin] = {}
+        self._timeouts: dict[tuple[float, float], Timeouts] = {}  # without a total timeout
         self._limits: dict[str, tuple[int, asyncio.Semaphore]] = {}
 
     async def close(self) -> None:
@@ -253,10 +254,14 @@ class Forwarder:
         route: Route,
     ) -> Response:
         dest = route.destination
-        deadline = None
-        if dest.total_timeout is not None:
+        if dest.total_timeout is None:
+            pair = (dest.connect_timeout, dest.read_timeout)
+            timeouts = self._timeouts.get(pair)
+            if timeouts is None:
+                timeouts = self._timeouts[pair] = Timeouts(*pair)
+        else:
             deadline = asyncio.get_running_loop().time() + dest.total_timeout
-        timeouts = Timeouts(dest.connect_timeout, dest.read_timeout, deadline)
+            timeouts = Timeouts(dest.connect_timeout, dest.read_timeout, deadline)
         try:
             return await self._pool.request(
                 origin, method, target, headers, body.payload(), body.length, timeouts

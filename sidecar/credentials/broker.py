@@ -28,6 +28,11 @@ class Credentials:
         self.cache = cache
         self.dpop_key = dpop_key
         self.nonces = nonces
+        # (route, scopes, identity) -> key; the route object itself is kept and compared, so a
+        # reloaded config (new Route objects) can never be served a key built for the old one.
+        self._keys: dict[
+            tuple[int, tuple[str, ...], str | None, str | None], tuple[Route, TokenKey]
+        ] = {}
 
     async def key_for(self, route: Route, scopes: tuple[str, ...]) -> TokenKey:
         server = route.server
@@ -41,8 +46,12 @@ class Credentials:
             spiffe_id = self.identity.spiffe_id
             if spiffe_id is None:  # first request before the SVID was seen: learn our SPIFFE ID
                 spiffe_id = (await self.identity.jwt_svid(server.jwt_svid_audience)).spiffe_id
+        cache_key = (id(route), scopes, spiffe_id, x509)
+        cached = self._keys.get(cache_key)
+        if cached is not None and cached[0] is route:
+            return cached[1]
         client_id = server.client_id or spiffe_id
-        return TokenKey(
+        key = TokenKey(
             server=server.name,
             client_id=client_id,
             grant=server.grant,
@@ -52,6 +61,10 @@ class Credentials:
             jkt=self.dpop_key.thumbprint if dest.token_type == "dpop" else None,
             x509=x509,
         )
+        if len(self._keys) > 4096:  # bounded: wildcard routes, many scope sets
+            self._keys.clear()
+        self._keys[cache_key] = (route, key)
+        return key
 
     async def token(self, route: Route, scopes: tuple[str, ...]) -> tuple[TokenKey, AccessToken]:
         key, token, _ = await self.lookup(route, scopes)

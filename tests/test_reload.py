@@ -98,3 +98,22 @@ async def test_an_invalid_reload_keeps_the_last_good_config(
     assert any(p.startswith("destinations[0].authorization_server:") for p in rejected)
     assert any(p.startswith("destinations[0].scopes.rules[0].methods") for p in rejected)
     assert any("not valid YAML" in p for p in rejected)
+
+
+async def test_a_reloaded_resource_gets_its_own_token(stack: DevStack, tmp_path: Path) -> None:
+    """A token (and its cache key) is never carried over to a route whose audience changed."""
+    volume = ConfigMapVolume(tmp_path / "config")
+    path = volume.publish(stack.sidecar_config())
+    async with Sidecar(config.load(path), grace=5) as sidecar, AppClient(sidecar) as app:
+        assert (await app.request("GET", URL))[0] == 200
+        changed = stack.sidecar_config()
+        changed["destinations"][0]["resource"] = "https://api.saas.example/v2"
+        volume.publish(changed)
+        assert await sidecar.reload() is True
+        # The dev API still wants the old audience: it rejects the new token, the sidecar fetches
+        # one more (its invalid_token retry); both are for the new resource.
+        await app.request("GET", URL)
+    first, *after = stack.auth_server.token_requests
+    assert first.resources == ("https://api.saas.example",)
+    assert after
+    assert {r.resources for r in after} == {("https://api.saas.example/v2",)}

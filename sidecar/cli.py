@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # gRPC's C core writes its own plain-text lines to stderr (INFO "Got goaway" when the SPIRE
+    # agent restarts): they would break the JSON log stream. Errors only, unless ops say otherwise.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     args = build_parser().parse_args(argv)
     code: int = args.func(args)
     return code

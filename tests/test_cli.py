@@ -243,3 +243,5 @@ async def test_demo_runs_end_to_end_and_exits_0() -> None:
     assert text.count("cnf.jkt=") == 2
     assert "sha256 matches" in text
     assert "eyJ" not in text  # claims are shown, never a token or proof
+    # gRPC's own plain-text INFO lines (GOAWAY when the Workload API stops) are silenced.
+    assert "chttp2" not in err.decode()

@@ -57,7 +57,6 @@ from sidecar.routing import Resolved, Route
 
 log = logging.getLogger("sidecar.upstream")
 
-CHUNK = 64 * 1024
 # Answers up to this size (with a Content-Length) are read whole and sent to the app in one
 # write; larger or unsized ones are streamed chunk by chunk with backpressure.
 WHOLE_BODY_LIMIT = 64 * 1024
@@ -76,6 +75,7 @@ class _UpstreamOrigin:
     explicit_port: int | None
     authority: str  # for the Host header, as configured
     nonce_key: str  # RFC 9449 nonces are per origin
+    private_literal: bool  # an IP literal the SSRF guard refuses (names: checked at resolve)
 
 
 def _parse_origin(text: str) -> _UpstreamOrigin:
@@ -84,21 +84,13 @@ def _parse_origin(text: str) -> _UpstreamOrigin:
     host = parts.hostname or ""
     explicit = parts.port
     port = explicit or (443 if scheme == "https" else 80)
-    return _UpstreamOrigin(scheme, host, port, explicit, parts.netloc, text.lower().rstrip("/"))
-
-
-def _refuse_private_literal(host: str, route: Route) -> None:
-    """IP-literal upstreams: refused here, before any connection (names: at resolve time)."""
     try:
-        private = is_private(host.strip("[]"))
+        private_literal = is_private(host)
     except ValueError:
-        return
-    if private:
-        raise Forbidden(
-            f"upstream {host} is a loopback or link-local address; refused "
-            "(set allow_private: true on the route if this is intended)",
-            route=route.name,
-        )
+        private_literal = False  # a name
+    return _UpstreamOrigin(
+        scheme, host, port, explicit, parts.netloc, text.lower().rstrip("/"), private_literal
+    )
 
 
 @dataclass(frozen=True)
@@ -163,8 +155,13 @@ class Forwarder:
                 route=route.name,
             )
         up = self._origin(route.upstream_origin(target))
-        if not dest.allow_private:
-            _refuse_private_literal(up.host, route)
+        if up.private_literal and not dest.allow_private:
+            # Refused before a token is fetched or a body read; the pool would refuse it too.
+            raise Forbidden(
+                f"upstream {up.host} is a loopback or link-local address; refused "
+                "(set allow_private: true on the route if this is intended)",
+                route=route.name,
+            )
         headers = request_headers(request.headers, up.authority)
         if dest.via:
             headers.add("Via", "1.1 spiffe-oauth-sidecar")

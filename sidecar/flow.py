@@ -1,13 +1,16 @@
-"""Write-side flow control for the data path's asyncio protocols (listener and origin client).
+"""Flow control for the data path's asyncio protocols (listener and origin client), both ways.
 
-The transport calls ``pause_writing`` when its buffer is full and ``resume_writing`` when it has
-drained; writers await :meth:`WriteFlow.waiter` before writing more, so a slow peer slows the
-sender instead of growing memory.
+Writing: the transport calls ``pause_writing`` when its buffer is full and ``resume_writing``
+when it has drained; writers await :meth:`WriteFlow.waiter` before writing more. Reading: a
+:class:`BodyBuffer` pauses the peer once too much is waiting for its reader. Either way a slow
+side slows the other instead of growing memory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+from collections.abc import Callable
 
 
 class WriteFlow:
@@ -36,3 +39,56 @@ class WriteFlow:
         """The connection is gone: a writer waiting to drain gets ``error``."""
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_exception(error)
+
+
+class BodyBuffer:
+    """Body bytes received ahead of their reader, bounded: above ``high`` buffered bytes the
+    peer is paused (``pause``), below ``low`` it is resumed. The listener buffers the app's
+    request bodies this way, the origin client the APIs' answers."""
+
+    __slots__ = ("_chunks", "_high", "_low", "_pause", "_paused", "_resume", "_size")
+
+    def __init__(
+        self,
+        pause: Callable[[], None],
+        resume: Callable[[], None],
+        *,
+        high: int = 256 * 1024,
+        low: int = 64 * 1024,
+    ) -> None:
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._size = 0
+        self._paused = False
+        self._pause, self._resume = pause, resume
+        self._high, self._low = high, low
+
+    def __bool__(self) -> bool:
+        return bool(self._chunks)
+
+    def append(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        if self._size > self._high and not self._paused:
+            self._paused = True
+            self._pause()
+
+    def pop(self) -> bytes:
+        chunk = self._chunks.popleft()
+        self._size -= len(chunk)
+        self._relieve()
+        return chunk
+
+    def take_all(self) -> bytes:
+        data = b"".join(self._chunks)
+        self.clear()
+        return data
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self._size = 0
+        self._relieve()
+
+    def _relieve(self) -> None:
+        if self._paused and self._size < self._low:
+            self._paused = False
+            self._resume()

@@ -29,7 +29,7 @@ import httptools
 
 from sidecar.config import Address
 from sidecar.errors import BadRequest, ProxyError
-from sidecar.flow import WriteFlow
+from sidecar.flow import BodyBuffer, WriteFlow
 
 log = logging.getLogger("sidecar.listener")
 
@@ -47,7 +47,6 @@ class Request:
 
     __slots__ = (
         "_body",
-        "_buffered",
         "_complete",
         "_conn",
         "_expect_continue",
@@ -96,8 +95,12 @@ class Request:
                 self.chunked = self.chunked or "chunked" in value.lower()
             elif lower == "expect" and value.strip().lower() == "100-continue":
                 self._expect_continue = version >= (1, 1)
-        self._body: collections.deque[bytes] = collections.deque()
-        self._buffered = 0
+        self._body = BodyBuffer(
+            lambda: conn.pause_reading("body"),
+            lambda: conn.resume_reading("body"),
+            high=HIGH_WATER,
+            low=LOW_WATER,
+        )
         self._complete = False
         self._waiter: asyncio.Future[None] | None = None
         self._failed = False
@@ -107,13 +110,6 @@ class Request:
     @property
     def body_exists(self) -> bool:
         return self.chunked or bool(self.content_length)
-
-    def header(self, name: str) -> str | None:
-        lower = name.lower()
-        for key, value in self.headers:
-            if key.lower() == lower:
-                return value
-        return None
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives (llhttp has removed any chunked framing)."""
@@ -131,9 +127,6 @@ class Request:
 
     def _feed(self, data: bytes) -> None:
         self._body.append(data)
-        self._buffered += len(data)
-        if self._buffered > HIGH_WATER:
-            self._conn.pause_reading("body")
         self._wake()
 
     def _finish(self) -> None:
@@ -156,11 +149,7 @@ class Request:
             if self._failed:
                 raise ConnectionResetError("the request body was malformed")
             if self._body:
-                chunk = self._body.popleft()
-                self._buffered -= len(chunk)
-                if self._buffered < LOW_WATER:
-                    self._conn.resume_reading("body")
-                return chunk
+                return self._body.pop()
             if self._complete:
                 return None
             if self._conn.closed:

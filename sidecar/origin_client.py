@@ -19,7 +19,6 @@ Errors are :class:`OriginError` subclasses; the forwarder turns them into the ap
 from __future__ import annotations
 
 import asyncio
-import collections
 import ipaddress
 import socket
 import ssl
@@ -30,7 +29,7 @@ from typing import Any, cast
 import httptools
 from multidict import CIMultiDict
 
-from sidecar.flow import WriteFlow
+from sidecar.flow import BodyBuffer, WriteFlow
 
 HIGH_WATER = 256 * 1024  # body bytes buffered from the origin before reading pauses
 LOW_WATER = 64 * 1024
@@ -129,12 +128,12 @@ class _Connection(asyncio.Protocol):
         self._header_pairs: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
         self._head_request = False
-        self._body: collections.deque[bytes] = collections.deque()
-        self._buffered = 0
+        self._body = BodyBuffer(
+            self._pause_reading, self._resume_reading, high=HIGH_WATER, low=LOW_WATER
+        )
         self._body_waiter: asyncio.Future[None] | None = None
         self._complete = False
         self._failed: OriginError | None = None
-        self._paused_reading = False
         self._flow = WriteFlow()
         self._timeouts: Timeouts | None = None
         self._eof_body = False  # the body of the current response ends with the connection
@@ -172,6 +171,14 @@ class _Connection(asyncio.Protocol):
             else:
                 self._fail(OriginBroken("the origin closed the connection"))
         self._flow.fail(OriginBroken("the origin closed the connection"))
+
+    def _pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
 
     def pause_writing(self) -> None:
         self._flow.pause()
@@ -229,10 +236,6 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
-        self._buffered += len(body)
-        if self._buffered > HIGH_WATER and not self._paused_reading and self.transport:
-            self._paused_reading = True
-            self.transport.pause_reading()
         self._wake_body()
 
     def on_message_complete(self) -> None:
@@ -278,7 +281,6 @@ class _Connection(asyncio.Protocol):
         self._complete = False
         self._failed = None
         self._body.clear()
-        self._buffered = 0
         self.received_any = False
         self._head = self._loop.create_future()
         return self._head
@@ -302,12 +304,7 @@ class _Connection(asyncio.Protocol):
     async def next_chunk(self) -> bytes | None:
         while True:
             if self._body:
-                chunk = self._body.popleft()
-                self._buffered -= len(chunk)
-                if self._paused_reading and self._buffered < LOW_WATER and self.transport:
-                    self._paused_reading = False
-                    self.transport.resume_reading()
-                return chunk
+                return self._body.pop()
             if self._complete:
                 return None
             if self._failed is not None:
@@ -319,13 +316,7 @@ class _Connection(asyncio.Protocol):
         return self._complete and self._failed is None
 
     def take_body(self) -> bytes:
-        body = b"".join(self._body)
-        self._body.clear()
-        self._buffered = 0
-        if self._paused_reading and self.transport is not None:
-            self._paused_reading = False
-            self.transport.resume_reading()
-        return body
+        return self._body.take_all()
 
     def finish(self) -> None:
         """The exchange is over: back to the pool if clean and complete, else close."""

@@ -34,19 +34,24 @@ class _AppToUpstream:
         self._upstream = upstream
         self.app: Tunnel | None = None
         self.sent = 0
+        self._draining: asyncio.Task[None] | None = None  # one at a time, kept referenced
 
     def __call__(self, data: bytes) -> None:
         self.sent += len(data)
         self._upstream.write(data)
-        if self._upstream.transport.get_write_buffer_size() > HIGH_WATER and self.app:
+        backed_up = self._upstream.transport.get_write_buffer_size() > HIGH_WATER
+        if backed_up and self.app and self._draining is None:
             self.app.pause_reading()
-            asyncio.ensure_future(self._resume_after_drain())  # noqa: RUF006 - short-lived
+            self._draining = asyncio.ensure_future(self._resume_after_drain())
 
     async def _resume_after_drain(self) -> None:
-        with contextlib.suppress(ConnectionError):
-            await self._upstream.drain()
-        if self.app is not None:
-            self.app.resume_reading()
+        try:
+            with contextlib.suppress(ConnectionError):
+                await self._upstream.drain()
+            if self.app is not None:
+                self.app.resume_reading()
+        finally:
+            self._draining = None
 
 
 async def open_tunnel(reply: Reply, dest: Destination, host: str, port: int) -> None:

@@ -117,7 +117,10 @@ async def test_explain_fetch_prints_claims_never_the_token(stack: DevStack, tmp_
 
 
 @contextlib.asynccontextmanager
-async def running_process(config_path: Path) -> AsyncIterator[tuple[Any, dict[str, Any]]]:
+async def running_process(
+    config_path: Path, *args: str, listening: int = 1
+) -> AsyncIterator[tuple[Any, dict[str, Any]]]:
+    """`sidecar run` as a process, once ``listening`` processes of it said "listening"."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -127,15 +130,18 @@ async def running_process(config_path: Path) -> AsyncIterator[tuple[Any, dict[st
         str(config_path),
         "--grace",
         "20",
+        *args,
         stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stderr is not None
     try:
-        while True:  # bounded by the timeout: the process logs "listening" once it serves
+        seen = 0
+        while True:  # bounded by the timeout: each process logs "listening" once it serves
             line = await asyncio.wait_for(proc.stderr.readline(), 30)
             assert line, "the sidecar exited before listening"
             doc = json.loads(line)
-            if doc["msg"] == "listening":
+            seen += doc["msg"] == "listening"
+            if seen == listening:
                 yield proc, doc
                 break
     finally:
@@ -191,34 +197,13 @@ async def test_workers_share_the_port_and_stop_together(stack: DevStack, tmp_pat
         listen=f"127.0.0.1:{proxy_port}",
         admin=f"127.0.0.1:{admin_port}",
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sidecar",
-        "run",
-        "--config",
-        str(path),
-        "--workers",
-        "2",
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert proc.stderr is not None
-    try:
-        listening = 0
-        while listening < 2:  # bounded by the timeout
-            line = await asyncio.wait_for(proc.stderr.readline(), 30)
-            assert line, "the sidecar exited early"
-            listening += json.loads(line)["msg"] == "listening"
+    async with running_process(path, "--workers", "2", listening=2) as (proc, _):
         async with aiohttp.ClientSession() as app:
             for _ in range(6):
                 async with app.get(URL, proxy=f"http://127.0.0.1:{proxy_port}") as resp:
                     assert resp.status == 200
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
     # Each worker has its own token cache: at most one token request per worker.
     assert 1 <= len(stack.auth_server.token_requests) <= 2
 

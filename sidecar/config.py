@@ -610,6 +610,13 @@ def _parse(root: _Node, source: Path | None, env: Mapping[str, str], base: Path)
     )
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what, without quoting the document (it may hold secrets next to the error)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{where} not valid YAML ({getattr(exc, 'problem', None) or type(exc).__name__})"
+
+
 def load(path: Path | str | None = None, *, env: Mapping[str, str] | None = None) -> Config:
     """Load and validate the config file (``--config``, else ``$SIDECAR_CONFIG``)."""
     env = os.environ if env is None else env
@@ -624,10 +631,6 @@ def load(path: Path | str | None = None, *, env: Mapping[str, str] | None = None
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(
-            [f"{file}:{where} not valid YAML ({getattr(exc, 'problem', exc)})"]
-        ) from exc
+        raise ConfigError([f"{file}:{yaml_problem(exc)}"]) from exc
     # absolute(), not resolve(): a ConfigMap mount is a symlink that is swapped on update.
     return parse(doc, source=file.absolute(), env=env)

@@ -255,6 +255,7 @@ def test_inject_command_reads_files_and_stdin(
     captured = capsys.readouterr()
     assert captured.out == ""  # nothing half-written
     assert "not valid YAML" in captured.err
+    assert "unclosed" not in captured.err  # where, not what: the file may hold Secrets
 
     bad.write_text(yaml.safe_dump(_pod(hostNetwork=True)))
     assert main(["inject", "-f", str(bad)]) == 2

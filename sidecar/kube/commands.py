@@ -65,6 +65,7 @@ def _options(args: argparse.Namespace) -> Options | None:
 def cmd_inject(args: argparse.Namespace) -> int:
     import yaml
 
+    from sidecar.config import yaml_problem
     from sidecar.kube.inject import inject_documents
 
     options = _options(args)
@@ -81,7 +82,7 @@ def cmd_inject(args: argparse.Namespace) -> int:
     try:
         documents = list(yaml.safe_load_all(text))
     except yaml.YAMLError as exc:
-        print(f"sidecar inject: {args.filename} is not valid YAML: {exc}", file=sys.stderr)
+        print(f"sidecar inject: {args.filename}:{yaml_problem(exc)}", file=sys.stderr)
         return 2
     try:
         injected = inject_documents(documents, options)

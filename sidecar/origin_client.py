@@ -436,7 +436,7 @@ class Pool:
             limit = min(limit, timeouts.deadline - loop.time())
         try:
             async with asyncio.timeout(max(0.0, limit)):
-                addresses = await self._resolve(origin)
+                addresses = await resolve(origin.host, origin.port, origin.allow_private)
                 last: Exception | None = None
                 for address in addresses:
                     try:
@@ -456,21 +456,23 @@ class Pool:
         except TimeoutError as exc:
             raise OriginTimeout("connecting to the origin took too long") from exc
 
-    async def _resolve(self, origin: Origin) -> list[str]:
-        loop = asyncio.get_running_loop()
-        try:
-            infos = await loop.getaddrinfo(origin.host, origin.port, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            raise OriginUnreachable(f"cannot resolve the origin ({type(exc).__name__})") from exc
-        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-        if not origin.allow_private:
-            addresses = [a for a in addresses if not is_private(a)]
-            if not addresses:
-                raise OriginRefused(
-                    f"upstream {origin.host} resolves to a loopback or link-local address; "
-                    "refused (set allow_private: true on the route if this is intended)"
-                )
-        return addresses
+
+async def resolve(host: str, port: int, allow_private: bool) -> list[str]:
+    """The addresses to dial for ``host``, refusing loopback/link-local unless allowed (SSRF)."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise OriginUnreachable(f"cannot resolve {host} ({type(exc).__name__})") from exc
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    if not allow_private:
+        addresses = [a for a in addresses if not is_private(a)]
+        if not addresses:
+            raise OriginRefused(
+                f"{host} resolves to a loopback or link-local address; refused "
+                "(set allow_private: true on the route if this is intended)"
+            )
+    return addresses
 
 
 def _request_head(

@@ -14,12 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 
 from sidecar.config import Destination
 from sidecar.errors import Forbidden, UpstreamTimeout, UpstreamUnavailable
 from sidecar.listener import Reply, Tunnel
-from sidecar.origin_client import is_private
+from sidecar.origin_client import OriginRefused, OriginUnreachable, resolve
 
 log = logging.getLogger("sidecar.tunnel")
 
@@ -98,23 +97,15 @@ async def open_tunnel(reply: Reply, dest: Destination, host: str, port: int) -> 
 async def _dial(
     dest: Destination, host: str, port: int
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(dest.connect_timeout):
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            addresses = [info[4][0] for info in infos]
-            if not dest.allow_private:
-                addresses = [a for a in addresses if not is_private(str(a))]
-            if not addresses:
-                raise Forbidden(
-                    f"{host} resolves to a loopback or link-local address; tunnel refused "
-                    "(set allow_private: true on the route if this is intended)",
-                    route=dest.name,
-                )
-            return await asyncio.open_connection(str(addresses[0]), port)
+            addresses = await resolve(host, port, dest.allow_private)
+            return await asyncio.open_connection(addresses[0], port)
+    except OriginRefused as exc:
+        raise Forbidden(f"tunnel refused: {exc}", route=dest.name) from exc
     except TimeoutError as exc:
         raise UpstreamTimeout(f"cannot connect to {host}:{port} in time", route=dest.name) from exc
-    except OSError as exc:
+    except (OriginUnreachable, OSError) as exc:
         raise UpstreamUnavailable(
             f"cannot connect to {host}:{port} ({type(exc).__name__})", route=dest.name
         ) from exc

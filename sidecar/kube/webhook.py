@@ -167,7 +167,7 @@ class WebhookServer:
                 "uid": response["uid"],
                 "allowed": response["allowed"],
                 "patched": "patch" in response,
-                "namespace": _request(document).get("namespace"),
+                "namespace": document["request"].get("namespace"),  # review() validated it
             },
         )
         return web.json_response(answer)

@@ -2,9 +2,12 @@
 
 RFC 9110 §7.6.1: hop-by-hop headers (Connection and every header it names, Keep-Alive, TE,
 Trailer, Transfer-Encoding, Upgrade, Proxy-*) are removed in both directions. The app's own
-credentials (Authorization, DPoP) are removed before ours are added: aiohttp
-would otherwise send only one of two Authorization headers, silently. Repeated headers keep
-their order. Content-Length is left to the forwarder, which knows how the body is sent.
+credentials (Authorization, DPoP) are removed before ours are added: an upstream that sees two
+Authorization headers may pick either. Repeated headers keep their order. Host and
+Content-Length are the forwarder's: it knows where and how the body is sent.
+
+The data path works on what the parsers give: the app's headers as ``str`` pairs, the origin's
+as ``bytes`` pairs, which go back to the app as one pre-encoded block without being decoded.
 """
 
 from __future__ import annotations
@@ -28,43 +31,62 @@ HOP_BY_HOP = frozenset(
 )
 APP_CREDENTIALS = frozenset({"authorization", "dpop"})
 
-
-def _connection_listed(lowered: list[tuple[str, str, str]]) -> frozenset[str]:
-    listed: set[str] = set()
-    for lower, _, value in lowered:
-        if lower == "connection":
-            listed.update(t.strip().lower() for t in value.split(",") if t.strip())
-    return frozenset(listed)
+_REQUEST_DROP = HOP_BY_HOP | APP_CREDENTIALS | {"host", "content-length", "expect"}
+# Host is ours to set; Content-Length is the forwarder's; Expect: the sidecar has the body.
+_RESPONSE_DROP = frozenset(name.encode() for name in HOP_BY_HOP)
 
 
 def has_app_credentials(headers: Iterable[tuple[str, str]]) -> bool:
     return any(name.lower() in APP_CREDENTIALS for name, _ in headers)
 
 
-_REQUEST_DROP = HOP_BY_HOP | APP_CREDENTIALS | {"host", "content-length", "expect"}
-# Host is ours to set; Content-Length is the forwarder's; Expect: the sidecar has the body.
+def forwarded(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The app's headers to send upstream (before Host, Content-Length and credentials)."""
+    kept: list[tuple[str, str]] = []
+    listed: set[str] | None = None  # names the Connection header lists (rare): hop-by-hop too
+    for name, value in headers:
+        lower = name.lower()
+        if lower in _REQUEST_DROP or lower.startswith("proxy-"):
+            if lower == "connection":
+                listed = listed or set()
+                listed.update(t.strip().lower() for t in value.split(","))
+            continue
+        kept.append((name, value))
+    if listed:
+        kept = [(name, value) for name, value in kept if name.lower() not in listed]
+    return kept
 
 
 def request_headers(headers: Iterable[tuple[str, str]], host: str) -> CIMultiDict[str]:
     """What to send upstream, before our Authorization/DPoP are added."""
-    lowered = [(name.lower(), name, value) for name, value in headers]
-    listed = _connection_listed(lowered)
     out: CIMultiDict[str] = CIMultiDict()
     out["Host"] = host
-    for lower, name, value in lowered:
-        if lower in _REQUEST_DROP or lower in listed or lower.startswith("proxy-"):
-            continue
-        out.add(name, value)
+    out.extend(forwarded(headers))
     return out
 
 
-def response_headers(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
-    """What to send back to the app."""
-    lowered = [(name.lower(), name, value) for name, value in headers]
-    listed = _connection_listed(lowered)
-    out: CIMultiDict[str] = CIMultiDict()
-    for lower, name, value in lowered:
-        if lower in HOP_BY_HOP or lower in listed or lower.startswith("proxy-"):
+def relayed_block(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """The origin's headers to send back to the app, as ``Name: value\\r\\n`` lines."""
+    kept: list[tuple[bytes, bytes]] = []
+    listed: set[bytes] | None = None
+    for name, value in headers:
+        lower = name.lower()
+        if lower in _RESPONSE_DROP or lower.startswith(b"proxy-"):
+            if lower == b"connection":
+                listed = listed or set()
+                listed.update(t.strip().lower() for t in value.split(b","))
             continue
+        kept.append((name, value))
+    if listed:
+        kept = [(name, value) for name, value in kept if name.lower() not in listed]
+    return b"".join([b"%s: %s\r\n" % pair for pair in kept])
+
+
+def response_headers(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
+    """What to send back to the app (the ``str`` form of :func:`relayed_block`)."""
+    raw = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers]
+    out: CIMultiDict[str] = CIMultiDict()
+    for line in relayed_block(raw).decode("latin-1").split("\r\n")[:-1]:
+        name, _, value = line.partition(": ")
         out.add(name, value)
     return out

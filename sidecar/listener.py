@@ -33,6 +33,9 @@ from sidecar.flow import BodyBuffer, WriteFlow
 
 log = logging.getLogger("sidecar.listener")
 
+# An answer's headers: (name, value) pairs, or "Name: value\r\n" lines already encoded.
+Headers = Iterable[tuple[str, str]] | bytes
+
 HIGH_WATER = 256 * 1024  # request body bytes buffered before reading from the app pauses
 LOW_WATER = 64 * 1024
 MAX_PIPELINED = 16  # requests parsed ahead of the one being answered
@@ -95,12 +98,7 @@ class Request:
                 self.chunked = self.chunked or "chunked" in value.lower()
             elif lower == "expect" and value.strip().lower() == "100-continue":
                 self._expect_continue = version >= (1, 1)
-        self._body = BodyBuffer(
-            lambda: conn.pause_reading("body"),
-            lambda: conn.resume_reading("body"),
-            high=HIGH_WATER,
-            low=LOW_WATER,
-        )
+        self._body: BodyBuffer | None = None  # made when body bytes arrive
         self._complete = False
         self._waiter: asyncio.Future[None] | None = None
         self._failed = False
@@ -126,6 +124,14 @@ class Request:
     # -- fed by the connection ---------------------------------------------------------------
 
     def _feed(self, data: bytes) -> None:
+        if self._body is None:
+            conn = self._conn
+            self._body = BodyBuffer(
+                lambda: conn.pause_reading("body"),
+                lambda: conn.resume_reading("body"),
+                high=HIGH_WATER,
+                low=LOW_WATER,
+            )
         self._body.append(data)
         self._wake()
 
@@ -177,30 +183,31 @@ class Reply:
         self._close = not request.keep_alive
         self._bodiless = request.method == "HEAD"
 
-    def _head(self, status: int, reason: str | None, headers: Iterable[tuple[str, str]]) -> bytes:
+    def _head(self, status: int, reason: str | bytes | None, headers: Headers) -> bytes:
         self.status = status
         self.started = True
         if self._conn.listener.stopping:
             self._close = True
-        phrase = reason or _phrase(status)
-        lines = [f"HTTP/1.1 {status} {phrase}"]
-        lines.extend(f"{name}: {value}" for name, value in headers)
+        if isinstance(reason, str):
+            reason = reason.encode("latin-1", "replace")
+        block = headers if isinstance(headers, bytes) else _encode(headers)
         if self._chunked:
-            lines.append("Transfer-Encoding: chunked")
+            block += b"Transfer-Encoding: chunked\r\n"
         if self._close:
-            lines.append("Connection: close")
+            block += b"Connection: close\r\n"
         elif self._request.version < (1, 1):
-            lines.append("Connection: keep-alive")  # HTTP/1.0 assumes close unless told
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+            block += b"Connection: keep-alive\r\n"  # HTTP/1.0 assumes close unless told
+        return b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason or _phrase(status), block)
 
     def send(
         self,
         status: int,
-        reason: str | None,
-        headers: Iterable[tuple[str, str]],
+        reason: str | bytes | None,
+        headers: Headers,
         body: bytes = b"",
     ) -> None:
-        """A whole answer in one write. ``headers`` must carry Content-Length for the body."""
+        """A whole answer in one write. ``headers`` (pairs, or ``Name: value\\r\\n`` lines
+        already encoded) must carry Content-Length for the body."""
         head = self._head(status, reason, headers)
         self._conn.write(head if self._bodiless or not body else head + body)
 
@@ -211,7 +218,7 @@ class Reply:
         self.send(error.status, None, headers, body)
 
     async def start(
-        self, status: int, reason: str | None, headers: Iterable[tuple[str, str]], *, sized: bool
+        self, status: int, reason: str | bytes | None, headers: Headers, *, sized: bool
     ) -> None:
         """Start a streamed answer; unsized bodies are chunked (HTTP/1.1) or end with the
         connection (HTTP/1.0)."""
@@ -278,11 +285,16 @@ class Tunnel:
 Handler = Callable[[Request, Reply], Awaitable[None]]
 
 
-def _phrase(status: int) -> str:
+def _encode(headers: Iterable[tuple[str, str]]) -> bytes:
+    lines = "".join([f"{name}: {value}\r\n" for name, value in headers])
+    return lines.encode("utf-8", "surrogateescape")
+
+
+def _phrase(status: int) -> bytes:
     try:
-        return HTTPStatus(status).phrase
+        return HTTPStatus(status).phrase.encode("ascii")
     except ValueError:
-        return "Unknown"
+        return b"Unknown"
 
 
 class _HeadTooLarge(Exception):
@@ -535,7 +547,7 @@ class _Connection(asyncio.Protocol):
                     # Closing: asked to, or the body was not read to its end.
                     self.close()
                     return
-                if not request.consumed:
+                if not request.consumed and request._body is not None:
                     request._body.clear()
                 self.resume_reading("pipeline")
         finally:

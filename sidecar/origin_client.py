@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import httptools
-from multidict import CIMultiDict
 
 from sidecar.flow import BodyBuffer, WriteFlow
 
@@ -83,21 +82,50 @@ class Timeouts:
 
 
 class Response:
-    """One response from the origin. Read its body (whole or in chunks), then ``release()``."""
+    """One response from the origin. Read its body (whole or in chunks), then ``release()``.
 
-    def __init__(self, conn: _Connection, status: int, reason: str, headers: CIMultiDict[str]):
+    Headers stay as the parser gave them (``bytes`` pairs): they are relayed to the app as they
+    are, and looked up by lower-case name (:meth:`get`).
+    """
+
+    __slots__ = ("_conn", "_names", "content_length", "raw_headers", "reason", "status")
+
+    def __init__(
+        self,
+        conn: _Connection,
+        status: int,
+        reason: bytes,
+        raw_headers: list[tuple[bytes, bytes]],
+        names: list[bytes],
+        content_length: int | None,
+    ) -> None:
         self._conn = conn
         self.status = status
         self.reason = reason
-        self.headers = headers
-        length = headers.get("Content-Length")
-        self.content_length = int(length) if length is not None and length.isdigit() else None
+        self.raw_headers = raw_headers
+        self._names = names  # lower-case, in order
+        self.content_length = content_length
+
+    def get(self, name: bytes) -> bytes | None:
+        """The first value of header ``name`` (lower-case), or None."""
+        try:
+            return self.raw_headers[self._names.index(name)][1]
+        except ValueError:
+            return None
+
+    def getall(self, name: bytes) -> list[bytes]:
+        return [self.raw_headers[i][1] for i, n in enumerate(self._names) if n == name]
+
+    def whole_body(self) -> bytes | None:
+        """The whole body if it has all arrived (usual for small answers), else None."""
+        conn = self._conn
+        return conn.take_body() if conn.complete_body_ready() else None
 
     async def read(self) -> bytes:
         """The whole body (callers only do this for a known, bounded ``content_length``)."""
-        conn = self._conn
-        if conn.complete_body_ready():  # usual for small answers: already all here
-            return conn.take_body()
+        body = self.whole_body()
+        if body is not None:
+            return body
         parts = [chunk async for chunk in self.chunks()]
         return b"".join(parts)
 
@@ -211,22 +239,24 @@ class _Connection(asyncio.Protocol):
             raise OriginBroken("the origin's response headers are too large")
 
     def on_headers_complete(self) -> None:
-        status = self._parser.get_status_code()
+        parser = self._parser
+        status = parser.get_status_code()
         if 100 <= status < 200:
             return  # interim response (100 Continue, 103 Early Hints): wait for the real one
-        headers: CIMultiDict[str] = CIMultiDict(
-            (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
-            for n, v in self._header_pairs
-        )
-        if not self._parser.should_keep_alive():
+        pairs = self._header_pairs
+        names = [name.lower() for name, _ in pairs]
+        length: int | None = None
+        framed = status in (204, 304)  # bodiless
+        for name, (_, value) in zip(names, pairs, strict=True):
+            if name == b"content-length":
+                length = int(value) if value.isdigit() else None  # llhttp checked it
+                framed = True
+            elif name == b"transfer-encoding":
+                framed = framed or b"chunked" in value.lower()
+        if not parser.should_keep_alive():
             self.reusable = False
-        self._eof_body = (
-            "Content-Length" not in headers
-            and "chunked" not in headers.get("Transfer-Encoding", "").lower()
-            and status not in (204, 304)
-        )
-        reason = self._status_reason.decode("latin-1")
-        response = Response(self, status, reason, headers)
+        self._eof_body = not framed  # HTTP/1.0 style: the body ends with the connection
+        response = Response(self, status, self._status_reason, pairs, names, length)
         if self._head_request:
             self.reusable = False  # llhttp would wait for a body a HEAD response never has
             self._complete = True
@@ -374,8 +404,36 @@ class Pool:
         timeouts: Timeouts,
     ) -> Response:
         """Send one request; return the response once its headers are in."""
-        chunked = body is not None and not isinstance(body, bytes) and length is None
-        head = _request_head(method, target, headers, body, length)
+        lines = "".join([f"{name}: {value}\r\n" for name, value in headers])
+        if lines.count("\n") != len(headers) or lines.count("\r") != len(headers):
+            # A value with a line break would split a header (or smuggle one).
+            raise OriginBroken("refusing to send a header with a line break")
+        head = f"{method} {target} HTTP/1.1\r\n{lines}".encode("utf-8", "surrogateescape")
+        return await self.send(origin, method, head, body, length, timeouts)
+
+    async def send(
+        self,
+        origin: Origin,
+        method: str,
+        head: bytes,
+        body: bytes | AsyncIterator[bytes] | None,
+        length: int | None,
+        timeouts: Timeouts,
+    ) -> Response:
+        """Send a request whose head (request line and header lines, without the blank line
+        and the body's framing) the caller has encoded, and whose header values it has checked
+        for line breaks. The body is framed here: ``Content-Length``, or chunked when a streamed
+        body's length is unknown."""
+        chunked = False
+        if isinstance(body, bytes):
+            head += b"Content-Length: %d\r\n\r\n" % len(body)
+        elif body is None:
+            head += b"\r\n"
+        elif length is not None:
+            head += b"Content-Length: %d\r\n\r\n" % length
+        else:
+            chunked = True
+            head += b"Transfer-Encoding: chunked\r\n\r\n"
         replayable = body is None or isinstance(body, bytes)
         conn = self._take_idle(origin)
         if conn is not None:
@@ -473,28 +531,3 @@ async def resolve(host: str, port: int, allow_private: bool) -> list[str]:
                 "(set allow_private: true on the route if this is intended)"
             )
     return addresses
-
-
-def _request_head(
-    method: str,
-    target: str,
-    headers: list[tuple[str, str]],
-    body: bytes | AsyncIterator[bytes] | None,
-    length: int | None,
-) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1"]
-    lines.extend(f"{name}: {value}" for name, value in headers)
-    if isinstance(body, bytes):
-        lines.append(f"Content-Length: {len(body)}")
-    elif body is not None:
-        if length is not None:
-            lines.append(f"Content-Length: {length}")
-        else:
-            lines.append("Transfer-Encoding: chunked")
-    text = "\r\n".join(lines) + "\r\n\r\n"
-    # One line per header and nothing else: a value with a line break (a token from the AS, say)
-    # would split a header. The app's headers were checked by llhttp; this checks ours too.
-    breaks = len(lines) + 1
-    if text.count("\n") != breaks or text.count("\r") != breaks:
-        raise OriginBroken("refusing to send a header with a line break")
-    return text.encode("utf-8", "surrogateescape")

@@ -24,6 +24,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
+from typing import NamedTuple
 
 from sidecar.config import AuthorizationServer, Config, Destination, ScopeRule
 from sidecar.errors import (
@@ -38,9 +39,9 @@ _DOT_SEGMENT = re.compile(r"(^|/)(\.|%2e){1,2}(/|$)", re.IGNORECASE)
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-@dataclass(frozen=True)
-class Target:
-    """Where the app asked to go, split out of the request target."""
+class Target(NamedTuple):
+    """Where the app asked to go, split out of the request target. (Per request: a tuple,
+    which costs a fraction of a frozen dataclass to build.)"""
 
     scheme: str
     host: str  # lower-case; IPv6 without brackets
@@ -193,8 +194,7 @@ def compile_route(destination: Destination, server: AuthorizationServer) -> Rout
     return Route(destination, server, rules)
 
 
-@dataclass(frozen=True)
-class Resolved:
+class Resolved(NamedTuple):
     route: Route
     target: Target
     scopes: tuple[str, ...]

@@ -40,7 +40,8 @@ from sidecar.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from sidecar.headers import has_app_credentials, request_headers, response_headers
+from sidecar.flow import Slots
+from sidecar.headers import forwarded, has_app_credentials, relayed_block
 from sidecar.listener import Reply, Request
 from sidecar.origin_client import (
     Origin,
@@ -53,7 +54,7 @@ from sidecar.origin_client import (
     Timeouts,
     is_private,
 )
-from sidecar.routing import Resolved, Route
+from sidecar.routing import Resolved, Route, Target
 
 log = logging.getLogger("sidecar.upstream")
 
@@ -66,19 +67,20 @@ __all__ = ["Forwarder"]
 
 
 @dataclass(frozen=True)
-class _UpstreamOrigin:
-    """A route's ``scheme://host[:port]``, parsed once."""
+class _Upstream:
+    """Where one route sends its requests (``scheme://host[:port]``), prepared once per route:
+    the pool key, the static lines of every request head, the DPoP ``htu`` prefix."""
 
-    scheme: str
+    origin: Origin  # the pool key: host, port, TLS context, SSRF policy
     host: str  # without brackets
-    port: int
-    explicit_port: int | None
-    authority: str  # for the Host header, as configured
-    nonce_key: str  # RFC 9449 nonces are per origin
     private_literal: bool  # an IP literal the SSRF guard refuses (names: checked at resolve)
+    static_lines: str  # "Host: ...\r\n" (and Via), as sent on every request
+    htu_prefix: str  # RFC 9449 htu without the path: scheme://host[:port], normalised
+    nonce_key: str  # RFC 9449 nonces are per origin
+    timeouts: Timeouts | None  # None: the route has a total timeout, set per request
 
 
-def _parse_origin(text: str) -> _UpstreamOrigin:
+def _prepare(text: str, route: Route, tls: ssl.SSLContext | None) -> _Upstream:
     parts = urlsplit(text)
     scheme = parts.scheme.lower()
     host = parts.hostname or ""
@@ -88,8 +90,23 @@ def _parse_origin(text: str) -> _UpstreamOrigin:
         private_literal = is_private(host)
     except ValueError:
         private_literal = False  # a name
-    return _UpstreamOrigin(
-        scheme, host, port, explicit, parts.netloc, text.lower().rstrip("/"), private_literal
+    dest = route.destination
+    if any(c in parts.netloc for c in "\r\n\0"):  # the config loader refuses these too
+        raise ValueError("an upstream host with a line break")
+    static = f"Host: {parts.netloc}\r\n"
+    if dest.via:
+        static += "Via: 1.1 spiffe-oauth-sidecar\r\n"
+    timeouts = None
+    if dest.total_timeout is None:
+        timeouts = Timeouts(dest.connect_timeout, dest.read_timeout)
+    return _Upstream(
+        origin=Origin(host, port, tls if scheme == "https" else None, dest.allow_private),
+        host=host,
+        private_literal=private_literal,
+        static_lines=static,
+        htu_prefix=htu(scheme, host, explicit, "/")[:-1],
+        nonce_key=text.lower().rstrip("/"),
+        timeouts=timeouts,
     )
 
 
@@ -107,8 +124,13 @@ class _Body:
         return self.data if self.stream is None else self.stream.chunks()
 
 
+_NO_BODY = _Body(None, None)
+_EMPTY_BODY = _Body(b"", None)  # "Content-Length: 0" is passed on (a POST without it may 411)
+
+
 def _challenge_error(resp: Response) -> str | None:
-    for value in resp.headers.getall("WWW-Authenticate", ()):
+    for raw in resp.getall(b"www-authenticate"):
+        value = raw.decode("latin-1")
         if value.lstrip().lower().startswith(("dpop", "bearer")):
             match = _CHALLENGE_ERROR.search(value)
             if match:
@@ -128,25 +150,38 @@ class Forwarder:
         self._ssl_for = ssl_for
         self.replay_limit = replay_limit
         self._pool = Pool()
-        self._origins: dict[str, _UpstreamOrigin] = {}
-        self._timeouts: dict[tuple[float, float], Timeouts] = {}  # without a total timeout
-        self._limits: dict[str, tuple[int, asyncio.Semaphore]] = {}
+        # (route, upstream text) -> prepared; the route object is kept and compared, so a
+        # reloaded config (new Route objects, maybe new CA files) never reuses an old one.
+        self._upstreams: dict[tuple[int, str], tuple[Route, _Upstream]] = {}
+        self._slots: dict[str, Slots] = {}
 
     async def close(self) -> None:
         await self._pool.close()
 
-    def _origin(self, text: str) -> _UpstreamOrigin:
-        parsed = self._origins.get(text)
-        if parsed is None:
-            if len(self._origins) > 4096:  # wildcard routes: bounded
-                self._origins.clear()
-            parsed = self._origins[text] = _parse_origin(text)
-        return parsed
+    def _upstream(self, route: Route, target: Target) -> _Upstream:
+        text = route.upstream_origin(target)
+        found = self._upstreams.get((id(route), text))
+        if found is not None and found[0] is route:
+            return found[1]
+        if len(self._upstreams) > 4096:  # wildcard routes: bounded
+            self._upstreams.clear()
+        tls = self._ssl_for(route) if text[:6].lower() == "https:" else None
+        prepared = _prepare(text, route, tls)
+        self._upstreams[(id(route), text)] = (route, prepared)
+        return prepared
+
+    def _slots_for(self, route: Route) -> Slots:
+        """At most ``max_connections`` requests in flight to one route's upstream."""
+        limit = route.destination.max_connections
+        slots = self._slots.get(route.name)
+        if slots is None or slots.limit != limit:
+            slots = self._slots[route.name] = Slots(limit)
+        return slots
 
     async def forward(
         self, request: Request, reply: Reply, resolved: Resolved, exchange: Exchange
     ) -> None:
-        route, target = resolved.route, resolved.target
+        route, target, scopes = resolved
         dest = route.destination
         if dest.app_credentials == "refuse" and has_app_credentials(request.headers):
             raise BadRequest(
@@ -154,7 +189,7 @@ class Forwarder:
                 "(the sidecar supplies the credential); remove it from the app",
                 route=route.name,
             )
-        up = self._origin(route.upstream_origin(target))
+        up = self._upstream(route, target)
         if up.private_literal and not dest.allow_private:
             # Refused before a token is fetched or a body read; the pool would refuse it too.
             raise Forbidden(
@@ -162,124 +197,106 @@ class Forwarder:
                 "(set allow_private: true on the route if this is intended)",
                 route=route.name,
             )
-        headers = request_headers(request.headers, up.authority)
-        if dest.via:
-            headers.add("Via", "1.1 spiffe-oauth-sidecar")
-        body = await self._body(request)
-        origin = Origin(
-            up.host,
-            up.port,
-            self._ssl_for(route) if up.scheme == "https" else None,
-            dest.allow_private,
-        )
-        async with self._slots(route):
-            await self._exchange(
-                request, reply, resolved, up, origin, list(headers.items()), body, exchange
-            )
-
-    def _slots(self, route: Route) -> asyncio.Semaphore:
-        """At most ``max_connections`` requests in flight to one route's upstream."""
-        limit = route.destination.max_connections
-        slot = self._limits.get(route.name)
-        if slot is None or slot[0] != limit:
-            slot = self._limits[route.name] = (limit, asyncio.Semaphore(limit))
-        return slot[1]
-
-    async def _exchange(
-        self,
-        request: Request,
-        reply: Reply,
-        resolved: Resolved,
-        up: _UpstreamOrigin,
-        origin: Origin,
-        headers: list[tuple[str, str]],
-        body: _Body,
-        exchange: Exchange,
-    ) -> None:
-        route, target = resolved.route, resolved.target.path
-        raw = target + (f"?{resolved.target.query}" if resolved.target.query else "")
-        proof_url = htu(up.scheme, up.host, up.explicit_port, target)
-        key, token, hit = await self._credentials.lookup(route, resolved.scopes)
+        # The request line and the app's headers: llhttp has checked they hold no line break.
+        path = target.path
+        head = f"{request.method} {path}{'?' + target.query if target.query else ''} HTTP/1.1\r\n"
+        head += up.static_lines + "".join([f"{n}: {v}\r\n" for n, v in forwarded(request.headers)])
+        if not request.body_exists:
+            body = _EMPTY_BODY if request.content_length == 0 else _NO_BODY
+        else:
+            body = await self._body(request)
+        found = self._credentials.cached(route, scopes)
+        if found is None:
+            key, token, hit = await self._credentials.lookup(route, scopes)
+        else:
+            (key, token), hit = found, True
         exchange.cache = "hit" if hit else "miss"
-        for attempt in (1, 2):
-            exchange.token = token.reference
-            send = headers + self._credentials.headers(
-                token, request.method, proof_url, up.nonce_key
-            )
-            sent = time.perf_counter()
-            resp = await self._send(request.method, origin, raw, send, body, route)
-            exchange.upstream_seconds = time.perf_counter() - sent
-            self._credentials.nonces.update(up.nonce_key, resp.headers.get("DPoP-Nonce"))
-            retry = attempt == 1 and body.replayable and resp.status == 401
-            reason = _challenge_error(resp) if retry else None
-            if reason == "use_dpop_nonce" and resp.headers.get("DPoP-Nonce"):
-                await _discard(resp)
-                exchange.retry = reason
-                log.info(
-                    "retrying with the resource server's DPoP nonce", extra={"route": route.name}
+        slots = self._slots_for(route)
+        if not slots.take_now():
+            await slots.take()
+        try:
+            htu_ = up.htu_prefix + path
+            for attempt in (1, 2):
+                exchange.token = token.reference
+                credential = self._credentials.authorization(
+                    token, request.method, htu_, up.nonce_key
                 )
-                continue
-            if reason == "invalid_token":
-                await _discard(resp)
-                exchange.retry = reason
-                self._credentials.evict(key, token)
-                log.info(
-                    "resource server rejected the token; fetching a new one",
-                    extra={"route": route.name},
+                sent = time.perf_counter()
+                resp = await self._send(
+                    request.method,
+                    up,
+                    (head + credential).encode("utf-8", "surrogateescape"),
+                    body,
+                    route,
                 )
-                key, token = await self._credentials.token(route, resolved.scopes)
-                continue
-            break
-        await self._relay(request, reply, resp, route)
+                exchange.upstream_seconds = time.perf_counter() - sent
+                nonce = resp.get(b"dpop-nonce")
+                if nonce:
+                    self._credentials.nonces.update(up.nonce_key, nonce.decode("latin-1"))
+                if resp.status != 401 or attempt == 2 or not body.replayable:
+                    break
+                reason = _challenge_error(resp)
+                if reason == "use_dpop_nonce" and nonce:
+                    await _discard(resp)
+                    exchange.retry = reason
+                    log.info(
+                        "retrying with the resource server's DPoP nonce",
+                        extra={"route": route.name},
+                    )
+                    continue
+                if reason == "invalid_token":
+                    await _discard(resp)
+                    exchange.retry = reason
+                    self._credentials.evict(key, token)
+                    log.info(
+                        "resource server rejected the token; fetching a new one",
+                        extra={"route": route.name},
+                    )
+                    key, token = await self._credentials.token(route, scopes)
+                    continue
+                break
+            await self._relay(request, reply, resp, route)
+        finally:
+            slots.give()
 
     async def _body(self, request: Request) -> _Body:
-        if not request.body_exists:
-            # "Content-Length: 0" is passed on (a POST without it may get 411); no header, none.
-            return _Body(b"" if request.content_length == 0 else None, None)
         length = request.content_length
         if length is not None and length <= self.replay_limit:
             return _Body(await request.read(), None)
         return _Body(None, request, length)
 
     async def _send(
-        self,
-        method: str,
-        origin: Origin,
-        target: str,
-        headers: list[tuple[str, str]],
-        body: _Body,
-        route: Route,
+        self, method: str, up: _Upstream, head: bytes, body: _Body, route: Route
     ) -> Response:
-        dest = route.destination
-        if dest.total_timeout is None:
-            pair = (dest.connect_timeout, dest.read_timeout)
-            timeouts = self._timeouts.get(pair)
-            if timeouts is None:
-                timeouts = self._timeouts[pair] = Timeouts(*pair)
-        else:
+        timeouts = up.timeouts
+        if timeouts is None:
+            dest = route.destination
+            assert dest.total_timeout is not None
             deadline = asyncio.get_running_loop().time() + dest.total_timeout
             timeouts = Timeouts(dest.connect_timeout, dest.read_timeout, deadline)
         try:
-            return await self._pool.request(
-                origin, method, target, headers, body.payload(), body.length, timeouts
+            return await self._pool.send(
+                up.origin, method, head, body.payload(), body.length, timeouts
             )
         except OriginError as exc:
             raise _proxy_error(exc, route) from exc
 
     async def _relay(self, request: Request, reply: Reply, resp: Response, route: Route) -> None:
         try:
-            headers = response_headers(resp.headers.items())
+            headers = relayed_block(resp.raw_headers)
             length = resp.content_length
             bodiless = request.method == "HEAD" or resp.status in (204, 304)
             if not bodiless and length is not None and length <= WHOLE_BODY_LIMIT:
-                try:
-                    body = await resp.read()
-                except OriginError as exc:
-                    # Nothing has reached the app yet: it gets a clean error, not a cut body.
-                    raise _proxy_error(exc, route, mid_response=True) from exc
-                reply.send(resp.status, resp.reason, headers.items(), body)
+                body = resp.whole_body()
+                if body is None:
+                    try:
+                        body = await resp.read()
+                    except OriginError as exc:
+                        # Nothing has reached the app yet: it gets a clean error, not a cut body.
+                        raise _proxy_error(exc, route, mid_response=True) from exc
+                reply.send(resp.status, resp.reason, headers, body)
                 return
-            await reply.start(resp.status, resp.reason, headers.items(), sized=length is not None)
+            await reply.start(resp.status, resp.reason, headers, sized=length is not None)
             try:
                 async for chunk in resp.chunks():
                     await reply.write(chunk)  # drains: backpressure from the app

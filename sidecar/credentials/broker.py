@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from sidecar.credentials.dpop import DpopKey, NonceStore
 from sidecar.credentials.identity import WorkloadIdentity
-from sidecar.credentials.token_cache import TokenCache
+from sidecar.credentials.token_cache import Fetch, TokenCache
 from sidecar.credentials.token_client import AccessToken, TokenClient, TokenKey
 from sidecar.routing import Route
 
@@ -34,26 +34,18 @@ class Credentials:
             tuple[int, tuple[str, ...], str | None, str | None], tuple[Route, TokenKey]
         ] = {}
 
-    async def key_for(self, route: Route, scopes: tuple[str, ...]) -> TokenKey:
-        server = route.server
-        dest = route.destination
-        x509: str | None = None
-        spiffe_id: str | None
-        if server.client_auth == "mtls":  # certificate-bound: a rotated SVID means a new token
-            svid = await self.identity.x509_svid()
-            x509, spiffe_id = svid.fingerprint, svid.spiffe_id
-        else:
-            spiffe_id = self.identity.spiffe_id
-            if spiffe_id is None:  # first request before the SVID was seen: learn our SPIFFE ID
-                spiffe_id = (await self.identity.jwt_svid(server.jwt_svid_audience)).spiffe_id
+    def _key(
+        self, route: Route, scopes: tuple[str, ...], spiffe_id: str, x509: str | None
+    ) -> TokenKey:
         cache_key = (id(route), scopes, spiffe_id, x509)
         cached = self._keys.get(cache_key)
         if cached is not None and cached[0] is route:
             return cached[1]
-        client_id = server.client_id or spiffe_id
+        server = route.server
+        dest = route.destination
         key = TokenKey(
             server=server.name,
-            client_id=client_id,
+            client_id=server.client_id or spiffe_id,
             grant=server.grant,
             resource=dest.resource,
             audience=dest.audience,
@@ -66,6 +58,40 @@ class Credentials:
         self._keys[cache_key] = (route, key)
         return key
 
+    def _known_key(self, route: Route, scopes: tuple[str, ...]) -> TokenKey | None:
+        """The key, when the identity it depends on is already known (no waiting)."""
+        if route.server.client_auth == "mtls":  # certificate-bound: a new SVID, a new token
+            svid = self.identity.x509
+            if svid is None:
+                return None
+            return self._key(route, scopes, svid.spiffe_id, svid.fingerprint)
+        spiffe_id = self.identity.spiffe_id
+        return None if spiffe_id is None else self._key(route, scopes, spiffe_id, None)
+
+    async def key_for(self, route: Route, scopes: tuple[str, ...]) -> TokenKey:
+        key = self._known_key(route, scopes)
+        if key is not None:
+            return key
+        server = route.server
+        if server.client_auth == "mtls":
+            svid = await self.identity.x509_svid()
+            return self._key(route, scopes, svid.spiffe_id, svid.fingerprint)
+        # First request before any SVID was seen: learn our SPIFFE ID.
+        spiffe_id = (await self.identity.jwt_svid(server.jwt_svid_audience)).spiffe_id
+        return self._key(route, scopes, spiffe_id, None)
+
+    def _fetcher(self, route: Route) -> Fetch:
+        return lambda key: self.client.fetch(route.server, key, route.name)
+
+    def cached(self, route: Route, scopes: tuple[str, ...]) -> tuple[TokenKey, AccessToken] | None:
+        """The token for a request when the cache has a usable one now (no await), else None:
+        then :meth:`lookup`. The data path's usual case."""
+        key = self._known_key(route, scopes)
+        if key is None:
+            return None
+        token = self.cache.fresh(key, self._fetcher(route))
+        return None if token is None else (key, token)
+
     async def token(self, route: Route, scopes: tuple[str, ...]) -> tuple[TokenKey, AccessToken]:
         key, token, _ = await self.lookup(route, scopes)
         return key, token
@@ -75,20 +101,18 @@ class Credentials:
     ) -> tuple[TokenKey, AccessToken, bool]:
         """The token for a request, and whether the cache had it."""
         key = await self.key_for(route, scopes)
-        token, hit = await self.cache.lookup(
-            key, lambda k: self.client.fetch(route.server, k, route.name)
-        )
+        token, hit = await self.cache.lookup(key, self._fetcher(route))
         return key, token, hit
 
     def evict(self, key: TokenKey, token: AccessToken) -> None:
         self.cache.evict(key, token)
 
-    def headers(
-        self, token: AccessToken, method: str, htu: str, origin: str
-    ) -> list[tuple[str, str]]:
-        """``Authorization`` (and ``DPoP``, RFC 9449 §7.1) for one request to ``htu``."""
+    def authorization(self, token: AccessToken, method: str, htu: str, origin: str) -> str:
+        """``Authorization`` (and ``DPoP``, RFC 9449 §7.1) header lines for one request to
+        ``htu``, each ending in CRLF. The token's characters were checked when it was issued
+        (visible ASCII only), a proof is base64url: neither can split a header."""
         value = token.value.reveal()
         if token.token_type == "Bearer":
-            return [("Authorization", f"Bearer {value}")]
+            return f"Authorization: Bearer {value}\r\n"
         proof = self.dpop_key.proof(method, htu, ath=token.ath, nonce=self.nonces.get(origin))
-        return [("Authorization", f"DPoP {value}"), ("DPoP", proof)]
+        return f"Authorization: DPoP {value}\r\nDPoP: {proof}\r\n"

@@ -76,15 +76,25 @@ class TokenCache:
     async def get(self, key: TokenKey, fetch: Fetch) -> AccessToken:
         return (await self.lookup(key, fetch))[0]
 
-    async def lookup(self, key: TokenKey, fetch: Fetch) -> tuple[AccessToken, bool]:
-        """The token for ``key`` and whether it came from the cache (a hit)."""
+    def fresh(self, key: TokenKey, fetch: Fetch) -> AccessToken | None:
+        """The cached token for ``key`` if it is usable now (a hit; a refresh starts in the
+        background when one is due), else None. Never waits."""
         now = self._clock()
         entry = self._entries.get(key)
         if entry is not None and entry.token is not None and entry.token.usable(now):
             self.hits += 1
             if now >= entry.refresh_at and now >= entry.retry_at:
                 self._start(key, fetch, refresh=True)
-            return entry.token, True
+            return entry.token
+        return None
+
+    async def lookup(self, key: TokenKey, fetch: Fetch) -> tuple[AccessToken, bool]:
+        """The token for ``key`` and whether it came from the cache (a hit)."""
+        token = self.fresh(key, fetch)
+        if token is not None:
+            return token, True
+        now = self._clock()
+        entry = self._entries.get(key)
         self.misses += 1
         if entry is not None and entry.error is not None and now < entry.retry_at:
             raise _with_retry_after(entry.error, entry.retry_at - now)

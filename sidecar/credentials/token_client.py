@@ -18,6 +18,7 @@ import asyncio
 import base64
 import json
 import logging
+import re
 import ssl
 import time
 from collections.abc import Callable, Mapping
@@ -186,6 +187,14 @@ def parse_token_response(
             route=route,
         )
     value = doc["access_token"]
+    if not _HEADER_SAFE.fullmatch(value):
+        # It goes into an Authorization header on every request: visible ASCII only
+        # (RFC 6750 §2.1 allows less), so no token can split or end a header.
+        raise TokenRejected(
+            "the authorization server's access_token is empty or has characters an HTTP "
+            "header cannot carry (spaces, line breaks, non-ASCII); refusing it",
+            route=route,
+        )
     claims = _unverified_claims(value)
     lifetime = _lifetime(doc, claims)
     scope = doc.get("scope")
@@ -199,6 +208,7 @@ def parse_token_response(
     )
 
 
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
 _SAFE_CLAIMS = ("iss", "sub", "aud", "client_id", "scope", "jti", "iat", "exp", "cnf")
 
 

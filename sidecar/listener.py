@@ -435,7 +435,9 @@ class _Connection(asyncio.Protocol):
         self._headers.append(
             (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
         )
-        self._count(len(name) + len(value) + 4)
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self.listener.max_header_bytes:
+            raise _HeadTooLarge()
 
     def _count(self, size: int) -> None:
         self._head_bytes += size
@@ -549,12 +551,19 @@ class _Connection(asyncio.Protocol):
                     return
                 if not request.consumed and request._body is not None:
                     request._body.clear()
-                self.resume_reading("pipeline")
+                if self._pauses:
+                    self.resume_reading("pipeline")
         finally:
             self._task = None
 
 
+_VERSIONS = {"1.1": (1, 1), "1.0": (1, 0)}
+
+
 def _version(text: str) -> tuple[int, int]:
+    known = _VERSIONS.get(text)
+    if known is not None:
+        return known
     major, _, minor = text.partition(".")
     return (int(major or 1), int(minor or 1))
 
@@ -569,7 +578,7 @@ class Listener:
         self._sweeper: asyncio.Task[None] | None = None
         self.in_flight = 0
         self.stopping = False
-        self._idle = asyncio.Event()
+        self._idle = asyncio.Event()  # set when nothing is in flight
         self._idle.set()
 
     async def start(self, address: Address, *, reuse_port: bool = False) -> Address:

@@ -91,24 +91,24 @@ class Metrics:
             "sidecar_tunnels", "CONNECT tunnels opened, by route.", ["route"], registry=r
         )
 
-        # Labelled children, looked up once: labels() costs more than the increment. Keys are
-        # the folded label values, so these stay as bounded as the metrics themselves.
-        self._request_children: dict[tuple[str, str, str], Any] = {}
-        self._latency_children: dict[str, Any] = {}
+        # Labelled children, looked up once per (route, method, status): labels() costs more
+        # than the increment. Methods and statuses are folded before they become labels, and
+        # the keys are bounded the same way (methods by llhttp, statuses by 3 digits).
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def request_done(
         self, route: str, method: str, status: int, upstream_seconds: float | None
     ) -> None:
-        key = (route, method_label(method), status_class(status))
-        counter = self._request_children.get(key)
-        if counter is None:
-            counter = self._request_children[key] = self.requests.labels(*key)
-        counter.inc()
+        children = self._children.get((route, method, status))
+        if children is None:
+            if len(self._children) > 65536:
+                self._children.clear()
+            counter = self.requests.labels(route, method_label(method), status_class(status))
+            histogram = self.upstream_latency.labels(route)
+            children = self._children[(route, method, status)] = (counter, histogram)
+        children[0].inc()
         if upstream_seconds is not None:
-            histogram = self._latency_children.get(route)
-            if histogram is None:
-                histogram = self._latency_children[route] = self.upstream_latency.labels(route)
-            histogram.observe(upstream_seconds)
+            children[1].observe(upstream_seconds)
 
     def bind(self, sidecar: Sidecar) -> None:
         """Add the gauges that are read from the sidecar's state at scrape time."""

@@ -305,16 +305,6 @@ class _Connection(asyncio.Protocol):
         finally:
             handle.cancel()
 
-    def start(self, timeouts: Timeouts, *, head_request: bool) -> asyncio.Future[Response]:
-        self._timeouts = timeouts
-        self._head_request = head_request
-        self._complete = False
-        self._failed = None
-        self._body.clear()
-        self.received_any = False
-        self._head = self._loop.create_future()
-        return self._head
-
     async def drain(self) -> None:
         if self._failed is not None:
             raise self._failed
@@ -324,12 +314,56 @@ class _Connection(asyncio.Protocol):
         if waiter is not None:
             await self._wait(waiter, "accepting the request body")
 
-    async def response(self) -> Response:
-        assert self._head is not None
-        if self._failed is not None and not self._head.done():
-            raise self._failed
-        result: Response = await self._wait(self._head, "answering")
-        return result
+    async def exchange(
+        self,
+        head: bytes,
+        body: bytes | AsyncIterator[bytes] | None,
+        chunked: bool,
+        method: str,
+        timeouts: Timeouts,
+    ) -> Response:
+        """Send one request; the response once its headers are in (within ``read``)."""
+        self._timeouts = timeouts
+        self._head_request = method == "HEAD"
+        self._complete = False
+        self._failed = None
+        self._body.clear()
+        self.received_any = False
+        loop = self._loop
+        head_future: asyncio.Future[Response] = loop.create_future()
+        self._head = head_future
+        transport = self.transport
+        assert transport is not None
+        try:
+            if body is None or isinstance(body, bytes):
+                transport.write(head + body if body else head)
+            else:
+                transport.write(head)
+                async for chunk in body:
+                    if not chunk:
+                        continue
+                    if chunked:
+                        transport.write(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+                    else:
+                        transport.write(chunk)
+                    await self.drain()
+                if chunked:
+                    transport.write(b"0\r\n\r\n")
+            if head_future.done():
+                return head_future.result()
+            if self._failed is not None:
+                raise self._failed
+            limit = timeouts.read
+            if timeouts.deadline is not None:
+                limit = min(limit, timeouts.deadline - loop.time())
+            timer = loop.call_later(max(0.0, limit), _expire, head_future, "answering")
+            try:
+                return await head_future
+            finally:
+                timer.cancel()
+        except BaseException:
+            self.close()
+            raise
 
     async def next_chunk(self) -> bytes | None:
         while True:
@@ -438,14 +472,14 @@ class Pool:
         conn = self._take_idle(origin)
         if conn is not None:
             try:
-                return await self._exchange(conn, head, body, chunked, method, timeouts)
+                return await conn.exchange(head, body, chunked, method, timeouts)
             except OriginBroken:
                 # A pooled connection the origin had just closed: one fresh try, if the
                 # request can be sent again and nothing at all came back.
                 if not replayable or conn.received_any:
                     raise
         conn = await self._connect(origin, timeouts)
-        return await self._exchange(conn, head, body, chunked, method, timeouts)
+        return await conn.exchange(head, body, chunked, method, timeouts)
 
     def _take_idle(self, origin: Origin) -> _Connection | None:
         idle = self._idle.get(origin)
@@ -454,38 +488,6 @@ class Pool:
             if not conn.closed and conn.transport is not None and not conn.transport.is_closing():
                 return conn
         return None
-
-    async def _exchange(
-        self,
-        conn: _Connection,
-        head: bytes,
-        body: bytes | AsyncIterator[bytes] | None,
-        chunked: bool,
-        method: str,
-        timeouts: Timeouts,
-    ) -> Response:
-        conn.start(timeouts, head_request=method == "HEAD")
-        transport = conn.transport
-        assert transport is not None
-        try:
-            if body is None or isinstance(body, bytes):
-                transport.write(head + body if body else head)
-            else:
-                transport.write(head)
-                async for chunk in body:
-                    if not chunk:
-                        continue
-                    if chunked:
-                        transport.write(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
-                    else:
-                        transport.write(chunk)
-                    await conn.drain()
-                if chunked:
-                    transport.write(b"0\r\n\r\n")
-            return await conn.response()
-        except BaseException:
-            conn.close()
-            raise
 
     async def _connect(self, origin: Origin, timeouts: Timeouts) -> _Connection:
         loop = asyncio.get_running_loop()

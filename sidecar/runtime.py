@@ -248,9 +248,25 @@ class Sidecar:
     async def handle(self, request: Request, reply: Reply) -> None:
         snapshot = self.snapshot  # read once: this request finishes on this config
         assert snapshot is not None
+        routing = snapshot.routing
         exchange = Exchange(request.method, request.target)
         try:
-            await self._route(request, reply, snapshot, exchange)
+            if request.local_port in routing.local_ports:
+                resolved = routing.resolve_local(request.local_port, request.method, request.target)
+            elif request.method == "CONNECT":
+                dest, host, port = routing.tunnel_for(request.target)
+                exchange.route, exchange.host = dest.name, f"{host}:{port}"
+                self.metrics.tunnels.labels(dest.name).inc()
+                await open_tunnel(reply, dest, host, port)
+                exchange.status = reply.status
+                return
+            else:
+                resolved = routing.resolve(request.method, request.target)
+            target = resolved.target
+            exchange.route = resolved.route.name
+            exchange.host, exchange.path, exchange.query = target.host, target.path, target.query
+            exchange.scopes = resolved.scopes
+            await self.forwarder.forward(request, reply, resolved, exchange)
             exchange.status = reply.status
         except ProxyError as error:
             exchange.status, exchange.error = error.status, error.code
@@ -261,27 +277,6 @@ class Sidecar:
             raise
         finally:
             self._record(exchange, snapshot)
-
-    async def _route(
-        self, request: Request, reply: Reply, snapshot: Snapshot, exchange: Exchange
-    ) -> None:
-        routing = snapshot.routing
-        if request.local_port in routing.local_ports:
-            resolved = routing.resolve_local(request.local_port, request.method, request.target)
-        elif request.method == "CONNECT":
-            dest, host, port = routing.tunnel_for(request.target)
-            exchange.route, exchange.host = dest.name, f"{host}:{port}"
-            self.metrics.tunnels.labels(dest.name).inc()
-            await open_tunnel(reply, dest, host, port)
-            return
-        else:
-            resolved = routing.resolve(request.method, request.target)
-        exchange.route = resolved.route.name
-        exchange.host = resolved.target.host
-        exchange.path = resolved.target.path
-        exchange.query = resolved.target.query
-        exchange.scopes = resolved.scopes
-        await self.forwarder.forward(request, reply, resolved, exchange)
 
     def _record(self, exchange: Exchange, snapshot: Snapshot) -> None:
         known = exchange.route in snapshot.routing.all_route_names

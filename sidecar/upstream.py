@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from sidecar.audit import Exchange
+from sidecar.config import Destination
 from sidecar.credentials.broker import Credentials
 from sidecar.credentials.dpop import htu
 from sidecar.errors import (
@@ -221,14 +222,19 @@ class Forwarder:
                 credential = self._credentials.authorization(
                     token, request.method, htu_, up.nonce_key
                 )
+                timeouts = up.timeouts or self._deadline(dest)
                 sent = time.perf_counter()
-                resp = await self._send(
-                    request.method,
-                    up,
-                    (head + credential).encode("utf-8", "surrogateescape"),
-                    body,
-                    route,
-                )
+                try:
+                    resp = await self._pool.send(
+                        up.origin,
+                        request.method,
+                        (head + credential).encode("utf-8", "surrogateescape"),
+                        body.payload(),
+                        body.length,
+                        timeouts,
+                    )
+                except OriginError as exc:
+                    raise _proxy_error(exc, route) from exc
                 exchange.upstream_seconds = time.perf_counter() - sent
                 nonce = resp.get(b"dpop-nonce")
                 if nonce:
@@ -265,21 +271,12 @@ class Forwarder:
             return _Body(await request.read(), None)
         return _Body(None, request, length)
 
-    async def _send(
-        self, method: str, up: _Upstream, head: bytes, body: _Body, route: Route
-    ) -> Response:
-        timeouts = up.timeouts
-        if timeouts is None:
-            dest = route.destination
-            assert dest.total_timeout is not None
-            deadline = asyncio.get_running_loop().time() + dest.total_timeout
-            timeouts = Timeouts(dest.connect_timeout, dest.read_timeout, deadline)
-        try:
-            return await self._pool.send(
-                up.origin, method, head, body.payload(), body.length, timeouts
-            )
-        except OriginError as exc:
-            raise _proxy_error(exc, route) from exc
+    @staticmethod
+    def _deadline(dest: Destination) -> Timeouts:
+        """Timeouts for a route with ``total_timeout``: a deadline from now."""
+        assert dest.total_timeout is not None
+        deadline = asyncio.get_running_loop().time() + dest.total_timeout
+        return Timeouts(dest.connect_timeout, dest.read_timeout, deadline)
 
     async def _relay(self, request: Request, reply: Reply, resp: Response, route: Route) -> None:
         try:

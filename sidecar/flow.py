@@ -84,9 +84,10 @@ class BodyBuffer:
         return data
 
     def clear(self) -> None:
-        self._chunks.clear()
-        self._size = 0
-        self._relieve()
+        if self._chunks:
+            self._chunks.clear()
+            self._size = 0
+            self._relieve()
 
     def _relieve(self) -> None:
         if self._paused and self._size < self._low:

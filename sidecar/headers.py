@@ -65,21 +65,26 @@ def request_headers(headers: Iterable[tuple[str, str]], host: str) -> CIMultiDic
     return out
 
 
-def relayed_block(headers: Iterable[tuple[bytes, bytes]]) -> bytes:
-    """The origin's headers to send back to the app, as ``Name: value\\r\\n`` lines."""
-    kept: list[tuple[bytes, bytes]] = []
-    listed: set[bytes] | None = None
-    for name, value in headers:
-        lower = name.lower()
-        if lower in _RESPONSE_DROP or lower.startswith(b"proxy-"):
-            if lower == b"connection":
-                listed = listed or set()
-                listed.update(t.strip().lower() for t in value.split(b","))
-            continue
-        kept.append((name, value))
-    if listed:
-        kept = [(name, value) for name, value in kept if name.lower() not in listed]
-    return b"".join([b"%s: %s\r\n" % pair for pair in kept])
+def relayed_block(headers: list[tuple[bytes, bytes]], lowered: list[bytes] | None = None) -> bytes:
+    """The origin's headers to send back to the app, as ``Name: value\\r\\n`` lines.
+    ``lowered``: the names in lower case, when the caller has them already."""
+    names = lowered if lowered is not None else [name.lower() for name, _ in headers]
+    drop = _RESPONSE_DROP
+    if b"connection" in names:  # the names it lists are hop-by-hop too
+        listed = {
+            token.strip().lower()
+            for (_, value), name in zip(headers, names, strict=True)
+            if name == b"connection"
+            for token in value.split(b",")
+        }
+        drop = drop | listed
+    return b"".join(
+        [
+            b"%s: %s\r\n" % pair
+            for pair, name in zip(headers, names, strict=True)
+            if name not in drop and not name.startswith(b"proxy-")
+        ]
+    )
 
 
 def response_headers(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:

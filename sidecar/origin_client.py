@@ -106,6 +106,11 @@ class Response:
         self._names = names  # lower-case, in order
         self.content_length = content_length
 
+    @property
+    def lowered_names(self) -> list[bytes]:
+        """The header names in lower case, in order (one per ``raw_headers`` pair)."""
+        return self._names
+
     def get(self, name: bytes) -> bytes | None:
         """The first value of header ``name`` (lower-case), or None."""
         try:
@@ -227,14 +232,11 @@ class _Connection(asyncio.Protocol):
 
     def on_status(self, status: bytes) -> None:
         self._status_reason += status
-        self._count(len(status))
+        self._head_bytes += len(status)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_pairs.append((name, value))
-        self._count(len(name) + len(value) + 4)
-
-    def _count(self, size: int) -> None:
-        self._head_bytes += size
+        self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > MAX_HEAD_BYTES:
             raise OriginBroken("the origin's response headers are too large")
 
@@ -244,14 +246,16 @@ class _Connection(asyncio.Protocol):
         if 100 <= status < 200:
             return  # interim response (100 Continue, 103 Early Hints): wait for the real one
         pairs = self._header_pairs
-        names = [name.lower() for name, _ in pairs]
+        names = []
         length: int | None = None
         framed = status in (204, 304)  # bodiless
-        for name, (_, value) in zip(names, pairs, strict=True):
-            if name == b"content-length":
+        for name, value in pairs:
+            lower = name.lower()
+            names.append(lower)
+            if lower == b"content-length":
                 length = int(value) if value.isdigit() else None  # llhttp checked it
                 framed = True
-            elif name == b"transfer-encoding":
+            elif lower == b"transfer-encoding":
                 framed = framed or b"chunked" in value.lower()
         if not parser.should_keep_alive():
             self.reusable = False

@@ -22,7 +22,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import NamedTuple
 
@@ -124,10 +124,10 @@ class Route:
     destination: Destination
     server: AuthorizationServer
     rules: tuple[_CompiledRule, ...]
+    name: str = field(init=False)  # the destination's: read on every request
 
-    @property
-    def name(self) -> str:
-        return self.destination.name
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "name", self.destination.name)
 
     def upstream_origin(self, target: Target) -> str:
         """scheme://host[:port] to dial; without ``upstream``, the requested host over TLS."""

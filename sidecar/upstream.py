@@ -79,9 +79,10 @@ class _Upstream:
     htu_prefix: str  # RFC 9449 htu without the path: scheme://host[:port], normalised
     nonce_key: str  # RFC 9449 nonces are per origin
     timeouts: Timeouts | None  # None: the route has a total timeout, set per request
+    slots: Slots  # at most max_connections requests in flight to the route's upstream
 
 
-def _prepare(text: str, route: Route, tls: ssl.SSLContext | None) -> _Upstream:
+def _prepare(text: str, route: Route, tls: ssl.SSLContext | None, slots: Slots) -> _Upstream:
     parts = urlsplit(text)
     scheme = parts.scheme.lower()
     host = parts.hostname or ""
@@ -108,6 +109,7 @@ def _prepare(text: str, route: Route, tls: ssl.SSLContext | None) -> _Upstream:
         htu_prefix=htu(scheme, host, explicit, "/")[:-1],
         nonce_key=text.lower().rstrip("/"),
         timeouts=timeouts,
+        slots=slots,
     )
 
 
@@ -167,7 +169,7 @@ class Forwarder:
         if len(self._upstreams) > 4096:  # wildcard routes: bounded
             self._upstreams.clear()
         tls = self._ssl_for(route) if text[:6].lower() == "https:" else None
-        prepared = _prepare(text, route, tls)
+        prepared = _prepare(text, route, tls, self._slots_for(route))
         self._upstreams[(id(route), text)] = (route, prepared)
         return prepared
 
@@ -212,7 +214,7 @@ class Forwarder:
         else:
             (key, token), hit = found, True
         exchange.cache = "hit" if hit else "miss"
-        slots = self._slots_for(route)
+        slots = up.slots
         if not slots.take_now():
             await slots.take()
         try:
@@ -280,7 +282,7 @@ class Forwarder:
 
     async def _relay(self, request: Request, reply: Reply, resp: Response, route: Route) -> None:
         try:
-            headers = relayed_block(resp.raw_headers)
+            headers = relayed_block(resp.raw_headers, resp.lowered_names)
             length = resp.content_length
             bodiless = request.method == "HEAD" or resp.status in (204, 304)
             if not bodiless and length is not None and length <= WHOLE_BODY_LIMIT:

@@ -7,6 +7,8 @@ request).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from sidecar.credentials.dpop import DpopKey, NonceStore
 from sidecar.credentials.identity import WorkloadIdentity
 from sidecar.credentials.token_cache import Fetch, TokenCache
@@ -28,19 +30,21 @@ class Credentials:
         self.cache = cache
         self.dpop_key = dpop_key
         self.nonces = nonces
-        # (route, scopes, identity) -> key; the route object itself is kept and compared, so a
-        # reloaded config (new Route objects) can never be served a key built for the old one.
+        # (route, scopes, identity) -> (route, key, fetch); the route object itself is kept
+        # and compared, so a reloaded config (new Route objects) can never be served a key
+        # built for the old one.
         self._keys: dict[
-            tuple[int, tuple[str, ...], str | None, str | None], tuple[Route, TokenKey]
+            tuple[int, tuple[str, ...], str | None, str | None],
+            tuple[Route, TokenKey, Fetch],
         ] = {}
 
     def _key(
         self, route: Route, scopes: tuple[str, ...], spiffe_id: str, x509: str | None
-    ) -> TokenKey:
+    ) -> tuple[TokenKey, Fetch]:
         cache_key = (id(route), scopes, spiffe_id, x509)
         cached = self._keys.get(cache_key)
         if cached is not None and cached[0] is route:
-            return cached[1]
+            return cached[1], cached[2]
         server = route.server
         dest = route.destination
         key = TokenKey(
@@ -53,13 +57,19 @@ class Credentials:
             jkt=self.dpop_key.thumbprint if dest.token_type == "dpop" else None,
             x509=x509,
         )
+        client = self.client
+
+        def fetch(key: TokenKey) -> Awaitable[AccessToken]:
+            return client.fetch(server, key, route.name)
+
         if len(self._keys) > 4096:  # bounded: wildcard routes, many scope sets
             self._keys.clear()
-        self._keys[cache_key] = (route, key)
-        return key
+        self._keys[cache_key] = (route, key, fetch)
+        return key, fetch
 
-    def _known_key(self, route: Route, scopes: tuple[str, ...]) -> TokenKey | None:
-        """The key, when the identity it depends on is already known (no waiting)."""
+    def _known_key(self, route: Route, scopes: tuple[str, ...]) -> tuple[TokenKey, Fetch] | None:
+        """The key (and how to fetch its token), when the identity it depends on is already
+        known (no waiting)."""
         if route.server.client_auth == "mtls":  # certificate-bound: a new SVID, a new token
             svid = self.identity.x509
             if svid is None:
@@ -68,10 +78,10 @@ class Credentials:
         spiffe_id = self.identity.spiffe_id
         return None if spiffe_id is None else self._key(route, scopes, spiffe_id, None)
 
-    async def key_for(self, route: Route, scopes: tuple[str, ...]) -> TokenKey:
-        key = self._known_key(route, scopes)
-        if key is not None:
-            return key
+    async def _key_and_fetch(self, route: Route, scopes: tuple[str, ...]) -> tuple[TokenKey, Fetch]:
+        known = self._known_key(route, scopes)
+        if known is not None:
+            return known
         server = route.server
         if server.client_auth == "mtls":
             svid = await self.identity.x509_svid()
@@ -80,17 +90,14 @@ class Credentials:
         spiffe_id = (await self.identity.jwt_svid(server.jwt_svid_audience)).spiffe_id
         return self._key(route, scopes, spiffe_id, None)
 
-    def _fetcher(self, route: Route) -> Fetch:
-        return lambda key: self.client.fetch(route.server, key, route.name)
-
     def cached(self, route: Route, scopes: tuple[str, ...]) -> tuple[TokenKey, AccessToken] | None:
         """The token for a request when the cache has a usable one now (no await), else None:
         then :meth:`lookup`. The data path's usual case."""
-        key = self._known_key(route, scopes)
-        if key is None:
+        known = self._known_key(route, scopes)
+        if known is None:
             return None
-        token = self.cache.fresh(key, self._fetcher(route))
-        return None if token is None else (key, token)
+        token = self.cache.fresh(*known)
+        return None if token is None else (known[0], token)
 
     async def token(self, route: Route, scopes: tuple[str, ...]) -> tuple[TokenKey, AccessToken]:
         key, token, _ = await self.lookup(route, scopes)
@@ -100,8 +107,8 @@ class Credentials:
         self, route: Route, scopes: tuple[str, ...]
     ) -> tuple[TokenKey, AccessToken, bool]:
         """The token for a request, and whether the cache had it."""
-        key = await self.key_for(route, scopes)
-        token, hit = await self.cache.lookup(key, self._fetcher(route))
+        key, fetch = await self._key_and_fetch(route, scopes)
+        token, hit = await self.cache.lookup(key, fetch)
         return key, token, hit
 
     def evict(self, key: TokenKey, token: AccessToken) -> None:

@@ -65,26 +65,37 @@ def request_headers(headers: Iterable[tuple[str, str]], host: str) -> CIMultiDic
     return out
 
 
+_CONNECTION = b"connection"
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})  # lists no other header
+_relay_plans: dict[tuple[bytes, ...], tuple[tuple[int, ...], tuple[int, ...]]] = {}
+
+
+def _relay_plan(names: tuple[bytes, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Which of the origin's headers to relay (by position), and where its Connection headers
+    are. Origins send the same names in the same order answer after answer: planned once."""
+    plan = _relay_plans.get(names)
+    if plan is None:
+        keep = tuple(
+            i for i, n in enumerate(names) if n not in _RESPONSE_DROP and n[:6] != b"proxy-"
+        )
+        plan = (keep, tuple(i for i, n in enumerate(names) if n == _CONNECTION))
+        if len(_relay_plans) >= 1024:  # bounded: names are the origins' to choose
+            _relay_plans.clear()
+        _relay_plans[names] = plan
+    return plan
+
+
 def relayed_block(headers: list[tuple[bytes, bytes]], lowered: list[bytes] | None = None) -> bytes:
     """The origin's headers to send back to the app, as ``Name: value\\r\\n`` lines.
     ``lowered``: the names in lower case, when the caller has them already."""
-    names = lowered if lowered is not None else [name.lower() for name, _ in headers]
-    drop = _RESPONSE_DROP
-    if b"connection" in names:  # the names it lists are hop-by-hop too
-        listed = {
-            token.strip().lower()
-            for (_, value), name in zip(headers, names, strict=True)
-            if name == b"connection"
-            for token in value.split(b",")
-        }
-        drop = drop | listed
-    return b"".join(
-        [
-            b"%s: %s\r\n" % pair
-            for pair, name in zip(headers, names, strict=True)
-            if name not in drop and not name.startswith(b"proxy-")
-        ]
-    )
+    names = tuple(lowered) if lowered is not None else tuple(n.lower() for n, _ in headers)
+    keep, connections = _relay_plan(names)
+    listed = {token.strip().lower() for i in connections for token in headers[i][1].split(b",")}
+    if listed - _PLAIN_CONNECTION:  # Connection names more headers: they are hop-by-hop too
+        keep = tuple(i for i in keep if names[i] not in listed)
+    if not keep:
+        return b""
+    return b"\r\n".join([b": ".join(headers[i]) for i in keep]) + b"\r\n"
 
 
 def response_headers(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:

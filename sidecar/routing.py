@@ -52,22 +52,25 @@ class Target(NamedTuple):
 
 def parse_target(raw_target: str) -> Target:
     """Parse an absolute-form request target (``http://host[:port]/path?query``)."""
-    if raw_target.startswith("/") or raw_target == "*":
-        raise NotAProxyRequest(
-            "this is the sidecar's proxy port: send requests through it as an HTTP proxy "
-            "(set HTTP_PROXY and http_proxy to http://127.0.0.1:<port>) with an absolute URL"
-        )
-    scheme, sep, rest = raw_target.partition("://")
-    if not sep or scheme.lower() not in ("http", "https"):
-        raise BadRequest("only http:// URLs can be proxied (use CONNECT for tunnels)")
-    scheme = scheme.lower()
-    if scheme == "https":
-        raise BadRequest(
-            "send plain http:// URLs to the sidecar: it opens TLS to the real API itself"
-        )
+    if raw_target[:7] == "http://":  # what HTTP_PROXY clients send
+        scheme, rest = "http", raw_target[7:]
+    else:
+        if raw_target.startswith("/") or raw_target == "*":
+            raise NotAProxyRequest(
+                "this is the sidecar's proxy port: send requests through it as an HTTP proxy "
+                "(set HTTP_PROXY and http_proxy to http://127.0.0.1:<port>) with an absolute URL"
+            )
+        scheme, sep, rest = raw_target.partition("://")
+        scheme = scheme.lower()
+        if not sep or scheme not in ("http", "https"):
+            raise BadRequest("only http:// URLs can be proxied (use CONNECT for tunnels)")
+        if scheme == "https":
+            raise BadRequest(
+                "send plain http:// URLs to the sidecar: it opens TLS to the real API itself"
+            )
     authority, slash, path_query = rest.partition("/")
     path, _, query = ("/" + path_query if slash else "/").partition("?")
-    if "#" in path or "#" in query:
+    if "#" in raw_target:
         raise BadRequest("the request target must not contain a fragment")
     if "@" in authority:
         raise BadRequest("URLs with credentials (user:password@host) are refused")
@@ -89,9 +92,11 @@ def _split_authority(authority: str, default_port: int) -> tuple[str, int]:
         host, _, port_text = authority.partition(":")
     if not host:
         raise BadRequest("the request target has no host")
-    if port_text and (not port_text.isdigit() or not 0 < int(port_text) < 65536):
+    if not port_text:
+        return host.lower().rstrip("."), default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise BadRequest("the request target has an invalid port")
-    return host.lower().rstrip("."), int(port_text) if port_text else default_port
+    return host.lower().rstrip("."), int(port_text)
 
 
 @dataclass(frozen=True)
@@ -300,6 +305,7 @@ class RoutingTable:
         return dest
 
     def _resolved(self, route: Route, method: str, target: Target) -> Resolved:
-        if _DOT_SEGMENT.search(target.path):
+        path = target.path
+        if ("." in path or "%" in path) and _DOT_SEGMENT.search(path):
             raise BadRequest("paths with '.' or '..' segments are refused", route=route.name)
         return Resolved(route, target, route.scopes_for(method, target.path))

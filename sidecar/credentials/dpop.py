@@ -11,7 +11,7 @@ written or exported (``DpopKey.__repr__`` shows the thumbprint).
 
 from __future__ import annotations
 
-import base64
+import binascii
 import hashlib
 import json
 import os
@@ -27,8 +27,42 @@ _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
+def _b64url_bytes(data: bytes) -> bytes:
+    return binascii.b2a_base64(data, newline=False).rstrip(b"=").translate(_URLSAFE)
+
+
 def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    """base64url without padding (RFC 7515 §2)."""
+    return _b64url_bytes(data).decode("ascii")
+
+
+class _JtiSource:
+    """Random ``jti`` values: 128 bits each from the OS CSPRNG, read 4 KiB at a time rather
+    than one system call per proof. Refilled in a forked child so no two processes share."""
+
+    SIZE = 16
+    BATCH = 4096
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._at = 0
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._pool, self._at = b"", 0
+
+    def next(self) -> str:
+        at = self._at
+        if at + self.SIZE > len(self._pool):
+            self._pool, at = os.urandom(self.BATCH), 0
+        self._at = at + self.SIZE
+        return _b64url_bytes(self._pool[at : at + self.SIZE]).decode("ascii")
+
+
+_JTI = _JtiSource()
 
 
 def _json(obj: object) -> bytes:
@@ -105,14 +139,14 @@ class DpopKey:
         # The claims object written directly: every string through the JSON encoder's own
         # escaping (C), the rest are base64url and integers. Same bytes as json.dumps would give.
         claims = (
-            f'{{"jti":"{b64url(os.urandom(16))}","htm":{_json_string(htm)},'
+            f'{{"jti":"{_JTI.next()}","htm":{_json_string(htm)},'
             f'"htu":{_json_string(htu)},"iat":{int(self._clock())}'
         )
         if ath is not None:
             claims += f',"ath":{_json_string(ath)}'
         if nonce is not None:
             claims += f',"nonce":{_json_string(nonce)}'
-        signing_input = self._header_b64 + b64url((claims + "}").encode()).encode()
+        signing_input = self._header_b64 + _b64url_bytes((claims + "}").encode())
         r, s = decode_dss_signature(self._key.sign(signing_input, _ECDSA_SHA256))
         signature = r.to_bytes(32, "big") + s.to_bytes(32, "big")
         return signing_input.decode("ascii") + "." + b64url(signature)

@@ -1,6 +1,6 @@
 """Header hygiene both ways."""
 
-from sidecar.headers import request_headers, response_headers
+from sidecar.headers import relayed_block, request_headers, response_headers
 
 
 def test_request_headers_strip_hop_by_hop_credentials_and_listed() -> None:
@@ -47,3 +47,18 @@ def test_response_headers_strip_hop_by_hop_and_keep_repeats() -> None:
         ("Set-Cookie", "b=2"),
         ("Content-Type", "text/plain"),
     ]
+
+
+def test_relayed_block_plans_by_names_but_checks_connection_each_time() -> None:
+    plain = [(b"Server", b"x"), (b"X-Hop", b"1"), (b"Connection", b"keep-alive")]
+    listed = [(b"Server", b"x"), (b"X-Hop", b"1"), (b"Connection", b"X-Hop")]
+    # Same names in the same order: one plan, but the Connection value still decides.
+    assert relayed_block(plain) == b"Server: x\r\nX-Hop: 1\r\n"
+    assert relayed_block(listed) == b"Server: x\r\n"
+    assert relayed_block(plain) == b"Server: x\r\nX-Hop: 1\r\n"
+    assert relayed_block([(b"Keep-Alive", b"5"), (b"Proxy-Foo", b"1")]) == b""
+    lowered = [b"set-cookie", b"set-cookie"]
+    assert (
+        relayed_block([(b"Set-Cookie", b"a=1"), (b"Set-Cookie", b"b=2")], lowered)
+        == b"Set-Cookie: a=1\r\nSet-Cookie: b=2\r\n"
+    )

@@ -99,6 +99,8 @@ def test_host_matching(host: str, routed: bool) -> None:
         ("http:///nohost", BadRequest),
         ("http://api.example/a/../admin", BadRequest),
         ("http://api.example/a/%2e%2e/admin", BadRequest),
+        ("http://api.example#frag/", BadRequest),
+        ("http://api.example/a#frag", BadRequest),
     ],
 )
 def test_bad_targets_are_refused(target: str, error: type[Exception]) -> None:
@@ -109,5 +111,7 @@ def test_bad_targets_are_refused(target: str, error: type[Exception]) -> None:
 def test_parse_target_keeps_raw_path_and_query() -> None:
     t = parse_target("http://API.example:8080/a%2Fb/c?x=1&y=%20")
     assert (t.host, t.port, t.path, t.query) == ("api.example", 8080, "/a%2Fb/c", "x=1&y=%20")
+    upper = parse_target("HTTP://api.example")
+    assert (upper.scheme, upper.host, upper.port, upper.path) == ("http", "api.example", 80, "/")
     v6 = parse_target("http://[2001:db8::1]/p")
     assert (v6.host, v6.port) == ("2001:db8::1", 80)

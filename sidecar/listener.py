@@ -642,8 +642,9 @@ class Listener:
                     conn.close()
 
     async def dispatch(self, request: Request, reply: Reply) -> None:
+        if not self.in_flight:
+            self._idle.clear()
         self.in_flight += 1
-        self._idle.clear()
         started = time.perf_counter()
         try:
             if request.upgrade:

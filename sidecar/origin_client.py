@@ -113,10 +113,8 @@ class Response:
 
     def get(self, name: bytes) -> bytes | None:
         """The first value of header ``name`` (lower-case), or None."""
-        try:
-            return self.raw_headers[self._names.index(name)][1]
-        except ValueError:
-            return None
+        names = self._names
+        return self.raw_headers[names.index(name)][1] if name in names else None
 
     def getall(self, name: bytes) -> list[bytes]:
         return [self.raw_headers[i][1] for i, n in enumerate(self._names) if n == name]

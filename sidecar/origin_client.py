@@ -167,6 +167,8 @@ class _Connection(asyncio.Protocol):
         self._failed: OriginError | None = None
         self._flow = WriteFlow()
         self._timeouts: Timeouts | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._watched: tuple[asyncio.Future[Any], str, float] | None = None
         self._eof_body = False  # the body of the current response ends with the connection
         self.received_any = False
         self.reusable = True
@@ -193,6 +195,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.reusable = False
         self._pool.forget(self)
         if self._head is not None and not self._complete:
@@ -293,19 +298,43 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def _wait(self, future: asyncio.Future[Any], what: str) -> Any:
+    # Timeouts: one timer per connection, not one per wait. A wait records its future and
+    # deadline; the timer, when it fires, expires the future if that deadline has passed, or
+    # re-arms itself for the deadline of the wait in progress. A keep-alive connection thus
+    # arms a timer about once per read timeout instead of once per request.
+
+    def _watch(self, future: asyncio.Future[Any], what: str) -> None:
         timeouts = self._timeouts
         assert timeouts is not None
-        limit = timeouts.read
-        if timeouts.deadline is not None:
-            limit = min(limit, timeouts.deadline - self._loop.time())
+        now = self._loop.time()
+        deadline = now + timeouts.read
+        if timeouts.deadline is not None and timeouts.deadline < deadline:
+            deadline = timeouts.deadline
+        self._watched = (future, what, deadline)
+        if self._timer is None or self._timer.when() > deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        watched = self._watched
+        if watched is None or watched[0].done():
+            return  # nothing waits now: no timer until something does
+        future, what, deadline = watched
+        if self._loop.time() >= deadline:
+            _expire(future, what)
+        else:
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    async def _wait(self, future: asyncio.Future[Any], what: str) -> Any:
         if future.done():
             return future.result()
-        handle = self._loop.call_later(max(0.0, limit), _expire, future, what)
+        self._watch(future, what)
         try:
             return await future
         finally:
-            handle.cancel()
+            self._watched = None
 
     async def drain(self) -> None:
         if self._failed is not None:
@@ -355,14 +384,11 @@ class _Connection(asyncio.Protocol):
                 return head_future.result()
             if self._failed is not None:
                 raise self._failed
-            limit = timeouts.read
-            if timeouts.deadline is not None:
-                limit = min(limit, timeouts.deadline - loop.time())
-            timer = loop.call_later(max(0.0, limit), _expire, head_future, "answering")
+            self._watch(head_future, "answering")
             try:
                 return await head_future
             finally:
-                timer.cancel()
+                self._watched = None
         except BaseException:
             self.close()
             raise

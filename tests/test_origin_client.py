@@ -259,6 +259,40 @@ async def test_a_silent_origin_times_out(ca: DevCA, scripted: Start) -> None:
     await pool.close()
 
 
+async def test_a_shorter_timeout_on_a_reused_connection_still_applies(
+    ca: DevCA, scripted: Start
+) -> None:
+    """The connection's timer was armed for the first request's long timeout; the second,
+    shorter one must not wait for it (nor for the connect timeout)."""
+    hang = asyncio.Event()
+    answered = 0
+
+    async def once_then_silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal answered
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(OK)
+        answered += 1
+        await reader.readuntil(b"\r\n\r\n")
+        await hang.wait()
+        writer.close()
+
+    origin = await scripted(lambda head: OK, once_then_silent)
+    target = origin_for(ca, origin)
+    pool = Pool()
+    long = Timeouts(connect=5, read=3600)
+    resp = await pool.request(target, "GET", "/x", [], None, None, long)
+    assert (resp.status, await resp.read()) == (200, b"ok")
+    resp.release()
+    with pytest.raises(OriginTimeout):
+        await asyncio.wait_for(
+            pool.request(target, "GET", "/x", [], None, None, Timeouts(connect=3600, read=0.2)),
+            30,  # a guard: were the long timer in charge, this would fail instead
+        )
+    assert (origin.connections, answered) == (1, 1)  # the same, reused connection
+    hang.set()
+    await pool.close()
+
+
 async def test_loopback_is_refused_unless_allowed(ca: DevCA, scripted: Start) -> None:
     origin = await scripted(lambda head: OK)
     guarded = Origin("localhost", origin.port, None, allow_private=False)

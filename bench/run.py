@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -85,6 +86,11 @@ def cpu_seconds(pids: list[int]) -> float:
             fields = f.read().rpartition(")")[2].split()
             total += int(fields[11]) + int(fields[12])  # utime + stime
     return total / CLK_TCK
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def peak_rss_mb(pids: list[int]) -> float:
@@ -174,6 +180,7 @@ class Origin:
     url: str
     kind: str
     stop: Any  # () -> None | Awaitable[None]
+    pids: Any = None  # () -> list[int]; None: the origin runs in this process
 
 
 async def start_origin(stack: DevStack, work: Path, nginx: str | None) -> Origin:
@@ -194,7 +201,7 @@ async def start_origin(stack: DevStack, work: Path, nginx: str | None) -> Origin
   }}"""
         )
         await _wait_port(port)
-        return Origin(f"https://127.0.0.1:{port}", "nginx", server.stop)
+        return Origin(f"https://127.0.0.1:{port}", "nginx", server.stop, server.pids)
     from aiohttp import web
 
     async def handle(request: web.BaseRequest) -> web.Response:
@@ -319,10 +326,13 @@ async def _wait_ready(admin: int, timeout: float = 30.0) -> float:
     raise RuntimeError("the sidecar did not become ready")
 
 
-async def aiohttp_reference(origin: Origin, stack: DevStack) -> Proxy:
+async def python_proxy(
+    module: str, name: str, label: str, origin: Origin, stack: DevStack
+) -> Proxy:
+    """One of the yardsticks in bench/: ``python -m bench.<module> ORIGIN PORT CA``."""
     port = _free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "bench.aiohttp_proxy", origin.url, str(port), str(stack.ca_file)],
+        [sys.executable, "-m", f"bench.{module}", origin.url, str(port), str(stack.ca_file)],
         cwd=HERE.parent,
         stderr=subprocess.DEVNULL,
     )
@@ -332,9 +342,8 @@ async def aiohttp_reference(origin: Origin, stack: DevStack) -> Proxy:
         process.terminate()
         process.wait(10)
 
-    label = "(r) reference: aiohttp proxy + static header"
     return Proxy(
-        "aiohttp", label, f"127.0.0.1:{port}", pids=lambda: process_tree(process.pid), stop=stop
+        name, label, f"127.0.0.1:{port}", pids=lambda: process_tree(process.pid), stop=stop
     )
 
 
@@ -408,6 +417,8 @@ async def generate(
             command += ["--proxy", f"http://{proxy.address}"]
     pids = proxy.pids()
     cpu_before = cpu_seconds(pids)
+    origin_before = cpu_seconds(origin.pids()) if origin.pids else None
+    loader_before = _children_cpu()
     tokens_before = proxy.token_requests()
     process = await asyncio.create_subprocess_exec(
         *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
@@ -415,6 +426,8 @@ async def generate(
     )  # fmt: skip
     out, _ = await asyncio.wait_for(process.communicate(), duration + 60)
     cpu = cpu_seconds(proxy.pids()) - cpu_before
+    loader_cpu = _children_cpu() - loader_before  # the load generator, a waited-for child
+    origin_cpu = cpu_seconds(origin.pids()) - origin_before if origin_before is not None else None
     lines = out.decode().splitlines()
     line = next((text for text in lines if text.startswith("BENCH_RESULT ")), None)
     if line is None:
@@ -428,6 +441,10 @@ async def generate(
         vcpu_per_krps=(cpu / seconds) / (rps / 1000) if proxy.address and rps else None,
         rss_mb=peak_rss_mb(proxy.pids()) if proxy.address else None,
         token_requests=proxy.token_requests() - tokens_before,
+        # What the rest of the machine spends per request (for the --workers ceiling).
+        others_us=(loader_cpu + origin_cpu) * 1e6 / result["requests"]
+        if origin_cpu is not None and result["requests"] and wrk
+        else None,
     )
     return result
 
@@ -513,9 +530,31 @@ def report(
     one = samples.get(("dpop", "saturation"))
     two = samples.get(("dpop2", "saturation"))
     if one and two and one.median("rps") and two.median("rps"):
-        lines.append(
-            f"`--workers 2` throughput: {two.median('rps') / one.median('rps'):.2f}× one worker."
-        )
+        ratio = two.median("rps") / one.median("rps")
+        line = f"`--workers 2` throughput: {ratio:.2f}× one worker."
+        others, cpu2 = two.median("others_us"), two.median("cpu_us")
+        cores = os.cpu_count() or 1
+        if others and cpu2:
+            # The cores are shared with wrk and the origin: at best they are all busy.
+            ceiling = min(2 * 1e6 / cpu2, cores * 1e6 / (cpu2 + others)) / one.median("rps")
+            line += (
+                f" The ceiling on this machine is {ceiling:.2f}×: {cores} cores shared with wrk "
+                f"and the origin, which spend {others:.0f} µs per request between them, beside "
+                f"the sidecar's {cpu2:.0f} µs."
+            )
+        lines.append(line)
+    floor = samples.get(("floor", "saturation"))
+    floor_cpu = floor.median("cpu_us") if floor else None
+    if floor_cpu:
+        for name in ("bearer", "dpop"):
+            mine = samples.get((name, "saturation"))
+            value = mine.median("cpu_us") if mine else None
+            if value:
+                lines.append(
+                    f"{name}: {value - floor_cpu:.0f} µs per request above the bare forwarder "
+                    f"({floor_cpu:.0f} µs), i.e. what routing, credentials, hygiene, metrics "
+                    "and the error paths cost."
+                )
     lines += ["", "Targets (issue 7):", ""]
     scale = (ref_cpu / REFERENCE_AIOHTTP_US) if ref_cpu else None
     if scale:
@@ -569,8 +608,12 @@ async def bench(args: argparse.Namespace) -> str:
                 proxies.append(nginx_proxy(nginx, origin, stack, work))
                 stack_exit.callback(proxies[-1].stop)
                 await _wait_port(int(proxies[-1].address.rpartition(":")[2]))  # type: ignore[union-attr]
-            proxies.append(await aiohttp_reference(origin, stack))
-            stack_exit.callback(proxies[-1].stop)
+            for module, name, label in (
+                ("aiohttp_proxy", "aiohttp", "(r) reference: aiohttp proxy + static header"),
+                ("bare_proxy", "floor", "(f) floor: bare uvloop + llhttp forwarder, no policy"),
+            ):
+                proxies.append(await python_proxy(module, name, label, origin, stack))
+                stack_exit.callback(proxies[-1].stop)
             for name, label, dpop, workers in (
                 ("bearer", "(c) sidecar, Bearer", False, 1),
                 ("dpop", "(d) sidecar, DPoP proof per request", True, 1),
@@ -631,7 +674,7 @@ async def bench(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--duration", type=float, default=6.0, help="seconds per cell")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per cell")
     parser.add_argument("--budget", type=float, default=480.0, help="stop starting rounds after")
     parser.add_argument("--only", nargs="*", help="sidecar configurations: bearer dpop dpop2")
     parser.add_argument("--python-load", action="store_true", help="use bench.load, not wrk")

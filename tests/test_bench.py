@@ -72,8 +72,41 @@ def test_the_harness_runs_end_to_end_with_its_fallbacks(
     table = (tmp_path / "latest.md").read_text()
     assert "origin: aiohttp" in table
     assert "load: bench.load (Python fallback)" in table
-    for label in ("(a) direct to origin", "(r) reference", "(c) sidecar, Bearer"):
+    for label in ("(a) direct to origin", "(r) reference", "(f) floor", "(c) sidecar, Bearer"):
         assert label in table
     assert "errors 0" in capsys.readouterr().out
     (samples,) = tmp_path.glob("*.json")
     assert samples.stat().st_size > 0
+
+
+def test_report_states_the_floor_and_the_workers_ceiling() -> None:
+    def run(rps: float, cpu: float, others: float | None = None) -> dict[str, object]:
+        return {
+            "rps": rps, "cpu_us": cpu, "vcpu_per_krps": cpu / 1000, "p50_us": 1000,
+            "p90_us": 2000, "p99_us": 3000, "rss_mb": 40.0, "token_requests": 0,
+            "others_us": others,
+        }  # fmt: skip
+
+    proxies = [
+        Proxy("floor", "(f) floor", "127.0.0.1:1"),
+        Proxy("bearer", "(c) bearer", "127.0.0.1:2"),
+        Proxy("dpop", "(d) dpop", "127.0.0.1:3"),
+        Proxy("dpop2", "(e) dpop x2", "127.0.0.1:4"),
+    ]
+    samples = {(p.name, shape): Samples() for p in proxies for shape in ("saturation", "paced")}
+    for shape in ("saturation", "paced"):
+        samples[("floor", shape)].runs = [run(17000, 60.0)]
+        samples[("bearer", shape)].runs = [run(10000, 90.0)]
+        samples[("dpop", shape)].runs = [run(6000, 160.0)]
+        samples[("dpop2", shape)].runs = [run(9000, 170.0, others=30.0)]
+    meta = {"date": "d", "machine": "m", "origin": "o", "loader": "l", "rounds": 1, "duration": 1}
+    text = report(proxies, samples, meta)
+    assert "bearer: 30 µs per request above the bare forwarder (60 µs)" in text
+    assert "dpop: 100 µs per request above the bare forwarder" in text
+    # 2 workers at 170 µs + 30 µs for wrk and the origin: at most 1e6 * cores / 200 req/s.
+    cores = os.cpu_count() or 1
+    ceiling = min(2e6 / 170, cores * 1e6 / 200) / 6000
+    assert (
+        f"`--workers 2` throughput: 1.50× one worker. The ceiling on this machine is {ceiling:.2f}×"
+        in text
+    )

@@ -101,8 +101,8 @@ def test_report_states_the_floor_and_the_workers_ceiling() -> None:
         samples[("dpop2", shape)].runs = [run(9000, 170.0, others=30.0)]
     meta = {"date": "d", "machine": "m", "origin": "o", "loader": "l", "rounds": 1, "duration": 1}
     text = report(proxies, samples, meta)
-    assert "bearer: 30 µs per request above the bare forwarder (60 µs)" in text
-    assert "dpop: 100 µs per request above the bare forwarder" in text
+    assert "bearer: 30 µs per request above the bare forwarder (60 µs): routing," in text
+    assert "dpop: 100 µs per request above the bare forwarder (60 µs): the same and a" in text
     # 2 workers at 170 µs + 30 µs for wrk and the origin: at most 1e6 * cores / 200 req/s.
     cores = os.cpu_count() or 1
     ceiling = min(2e6 / 170, cores * 1e6 / 200) / 6000

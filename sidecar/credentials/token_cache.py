@@ -81,11 +81,13 @@ class TokenCache:
         background when one is due), else None. Never waits."""
         now = self._clock()
         entry = self._entries.get(key)
-        if entry is not None and entry.token is not None and entry.token.usable(now):
-            self.hits += 1
-            if now >= entry.refresh_at and now >= entry.retry_at:
-                self._start(key, fetch, refresh=True)
-            return entry.token
+        if entry is not None:
+            token = entry.token
+            if token is not None and now < token.usable_until:
+                self.hits += 1
+                if now >= entry.refresh_at and now >= entry.retry_at:
+                    self._start(key, fetch, refresh=True)
+                return token
         return None
 
     async def lookup(self, key: TokenKey, fetch: Fetch) -> tuple[AccessToken, bool]:

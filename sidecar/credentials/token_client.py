@@ -88,9 +88,13 @@ class AccessToken:
     def lifetime(self) -> float:
         return self.expires_at - self.issued_at
 
-    def usable(self, now: float) -> bool:
+    @cached_property
+    def usable_until(self) -> float:
         # Stop a little before expiry (servers may allow no leeway), but not seconds early.
-        return now < self.expires_at - min(2.0, self.lifetime * 0.05)
+        return self.expires_at - min(2.0, self.lifetime * 0.05)
+
+    def usable(self, now: float) -> bool:
+        return now < self.usable_until
 
 
 # -- pure protocol -----------------------------------------------------------------------------

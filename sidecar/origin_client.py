@@ -236,6 +236,8 @@ class _Connection(asyncio.Protocol):
     def on_status(self, status: bytes) -> None:
         self._status_reason += status
         self._head_bytes += len(status)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise OriginBroken("the origin's status line is too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_pairs.append((name, value))

@@ -79,9 +79,12 @@ def _relay_plan(names: tuple[bytes, ...]) -> tuple[tuple[int, ...], tuple[int, .
             i for i, n in enumerate(names) if n not in _RESPONSE_DROP and n[:6] != b"proxy-"
         )
         plan = (keep, tuple(i for i, n in enumerate(names) if n == _CONNECTION))
-        if len(_relay_plans) >= 1024:  # bounded: names are the origins' to choose
-            _relay_plans.clear()
-        _relay_plans[names] = plan
+        # Bounded: the names are the origins' to choose. Only usual-sized sequences are kept
+        # (at most 256 of them, 2 KiB each); others are planned for every answer.
+        if len(names) <= 32 and sum(map(len, names)) <= 2048:
+            if len(_relay_plans) >= 256:
+                _relay_plans.clear()
+            _relay_plans[names] = plan
     return plan
 
 

@@ -62,3 +62,14 @@ def test_relayed_block_plans_by_names_but_checks_connection_each_time() -> None:
         relayed_block([(b"Set-Cookie", b"a=1"), (b"Set-Cookie", b"b=2")], lowered)
         == b"Set-Cookie: a=1\r\nSet-Cookie: b=2\r\n"
     )
+
+
+def test_relay_plans_stay_bounded_whatever_names_origins_choose() -> None:
+    from sidecar import headers
+
+    for i in range(600):
+        assert relayed_block([(f"X-Random-{i}".encode(), b"v")]) == f"X-Random-{i}: v\r\n".encode()
+    assert len(headers._relay_plans) <= 256
+    huge = [(b"X-" + b"n" * 3000, b"v")]
+    relayed_block(huge)
+    assert tuple(n.lower() for n, _ in huge) not in headers._relay_plans

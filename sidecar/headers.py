@@ -93,9 +93,15 @@ def relayed_block(headers: list[tuple[bytes, bytes]], lowered: list[bytes] | Non
     ``lowered``: the names in lower case, when the caller has them already."""
     names = tuple(lowered) if lowered is not None else tuple(n.lower() for n, _ in headers)
     keep, connections = _relay_plan(names)
-    listed = {token.strip().lower() for i in connections for token in headers[i][1].split(b",")}
-    if listed - _PLAIN_CONNECTION:  # Connection names more headers: they are hop-by-hop too
-        keep = tuple(i for i in keep if names[i] not in listed)
+    for i in connections:
+        if headers[i][1].lower() not in _PLAIN_CONNECTION:
+            # Connection names more headers (keep-alive or close alone does not): they are
+            # hop-by-hop too.
+            listed = {
+                token.strip().lower() for j in connections for token in headers[j][1].split(b",")
+            }
+            keep = tuple(k for k in keep if names[k] not in listed)
+            break
     if not keep:
         return b""
     return b"\r\n".join([b": ".join(headers[i]) for i in keep]) + b"\r\n"

@@ -4,6 +4,10 @@ Every label value is bounded: route and authorization-server names come from the
 methods are folded to the standard set, statuses to their class, outcomes and reasons to
 fixed vocabularies. No label ever carries a token, a path, a host the app made up, or an ID.
 The documented list lives in docs/operations.md and a test checks it against this module.
+
+The two series every request touches (``sidecar_requests_total`` and the upstream latency
+histogram) are plain counters exposed by a collector at scrape time; the rest use
+prometheus-client's metric types.
 """
 
 from __future__ import annotations

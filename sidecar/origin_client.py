@@ -13,6 +13,10 @@ the pool only if the response was read to its end and both sides allow keep-aliv
 1xx responses are skipped; HEAD answers close the connection (llhttp cannot be told that a
 HEAD response has no body); a protocol upgrade is refused.
 
+Response headers stay as llhttp gave them (``bytes`` pairs, names lowered once) so the
+forwarder can relay them without decoding. Each connection has one timer for all its timeouts
+(see ``_watch``), not one per request.
+
 Errors are :class:`OriginError` subclasses; the forwarder turns them into the app's JSON errors.
 """
 

@@ -1,4 +1,5 @@
-"""Header hygiene between the app and the upstream. Pure functions.
+"""Header hygiene between the app and the upstream. Pure functions (the relay memoises a plan
+per header-name sequence; see relayed_block).
 
 RFC 9110 §7.6.1: hop-by-hop headers (Connection and every header it names, Keep-Alive, TE,
 Trailer, Transfer-Encoding, Upgrade, Proxy-*) are removed in both directions. The app's own
@@ -13,8 +14,6 @@ as ``bytes`` pairs, which go back to the app as one pre-encoded block without be
 from __future__ import annotations
 
 from collections.abc import Iterable
-
-from multidict import CIMultiDict
 
 HOP_BY_HOP = frozenset(
     {
@@ -57,14 +56,6 @@ def forwarded(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     return kept
 
 
-def request_headers(headers: Iterable[tuple[str, str]], host: str) -> CIMultiDict[str]:
-    """What to send upstream, before our Authorization/DPoP are added."""
-    out: CIMultiDict[str] = CIMultiDict()
-    out["Host"] = host
-    out.extend(forwarded(headers))
-    return out
-
-
 _CONNECTION = b"connection"
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})  # lists no other header
 _relay_plans: dict[tuple[bytes, ...], tuple[tuple[int, ...], tuple[int, ...]]] = {}
@@ -105,13 +96,3 @@ def relayed_block(headers: list[tuple[bytes, bytes]], lowered: list[bytes] | Non
     if not keep:
         return b""
     return b"\r\n".join([b": ".join(headers[i]) for i in keep]) + b"\r\n"
-
-
-def response_headers(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
-    """What to send back to the app (the ``str`` form of :func:`relayed_block`)."""
-    raw = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers]
-    out: CIMultiDict[str] = CIMultiDict()
-    for line in relayed_block(raw).decode("latin-1").split("\r\n")[:-1]:
-        name, _, value = line.partition(": ")
-        out.add(name, value)
-    return out

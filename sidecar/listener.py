@@ -435,9 +435,7 @@ class _Connection(asyncio.Protocol):
         self._headers.append(
             (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
         )
-        self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > self.listener.max_header_bytes:
-            raise _HeadTooLarge()
+        self._count(len(name) + len(value) + 4)
 
     def _count(self, size: int) -> None:
         self._head_bytes += size

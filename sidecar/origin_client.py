@@ -92,7 +92,7 @@ class Response:
     are, and looked up by lower-case name (:meth:`get`).
     """
 
-    __slots__ = ("_conn", "_names", "content_length", "raw_headers", "reason", "status")
+    __slots__ = ("_conn", "content_length", "lowered_names", "raw_headers", "reason", "status")
 
     def __init__(
         self,
@@ -107,21 +107,16 @@ class Response:
         self.status = status
         self.reason = reason
         self.raw_headers = raw_headers
-        self._names = names  # lower-case, in order
+        self.lowered_names = names  # one per raw_headers pair, in order
         self.content_length = content_length
-
-    @property
-    def lowered_names(self) -> list[bytes]:
-        """The header names in lower case, in order (one per ``raw_headers`` pair)."""
-        return self._names
 
     def get(self, name: bytes) -> bytes | None:
         """The first value of header ``name`` (lower-case), or None."""
-        names = self._names
+        names = self.lowered_names
         return self.raw_headers[names.index(name)][1] if name in names else None
 
     def getall(self, name: bytes) -> list[bytes]:
-        return [self.raw_headers[i][1] for i, n in enumerate(self._names) if n == name]
+        return [self.raw_headers[i][1] for i, n in enumerate(self.lowered_names) if n == name]
 
     def whole_body(self) -> bytes | None:
         """The whole body if it has all arrived (usual for small answers), else None."""
@@ -239,15 +234,16 @@ class _Connection(asyncio.Protocol):
 
     def on_status(self, status: bytes) -> None:
         self._status_reason += status
-        self._head_bytes += len(status)
-        if self._head_bytes > MAX_HEAD_BYTES:
-            raise OriginBroken("the origin's status line is too long")
+        self._count(len(status))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_pairs.append((name, value))
-        self._head_bytes += len(name) + len(value) + 4
+        self._count(len(name) + len(value) + 4)
+
+    def _count(self, size: int) -> None:
+        self._head_bytes += size
         if self._head_bytes > MAX_HEAD_BYTES:
-            raise OriginBroken("the origin's response headers are too large")
+            raise OriginBroken("the origin's status line and headers are too large")
 
     def on_headers_complete(self) -> None:
         parser = self._parser

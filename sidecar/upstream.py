@@ -76,8 +76,7 @@ class _Upstream:
     """Where one route sends its requests (``scheme://host[:port]``), prepared once per route:
     the pool key, the static lines of every request head, the DPoP ``htu`` prefix."""
 
-    origin: Origin  # the pool key: host, port, TLS context, SSRF policy
-    host: str  # without brackets
+    origin: Origin  # the pool key: host (without brackets), port, TLS context, SSRF policy
     private_literal: bool  # an IP literal the SSRF guard refuses (names: checked at resolve)
     static_lines: str  # "Host: ...\r\n" (and Via), as sent on every request
     htu_prefix: str  # RFC 9449 htu without the path: scheme://host[:port], normalised
@@ -86,7 +85,9 @@ class _Upstream:
     slots: Slots  # at most max_connections requests in flight to the route's upstream
 
 
-def _prepare(text: str, route: Route, tls: ssl.SSLContext | None, slots: Slots) -> _Upstream:
+def _prepare(
+    text: str, route: Route, ssl_for: Callable[[Route], ssl.SSLContext], slots: Slots
+) -> _Upstream:
     parts = urlsplit(text)
     scheme = parts.scheme.lower()
     host = parts.hostname or ""
@@ -106,8 +107,9 @@ def _prepare(text: str, route: Route, tls: ssl.SSLContext | None, slots: Slots) 
     if dest.total_timeout is None:
         timeouts = Timeouts(dest.connect_timeout, dest.read_timeout)
     return _Upstream(
-        origin=Origin(host, port, tls if scheme == "https" else None, dest.allow_private),
-        host=host,
+        origin=Origin(
+            host, port, ssl_for(route) if scheme == "https" else None, dest.allow_private
+        ),
         private_literal=private_literal,
         static_lines=static,
         htu_prefix=htu(scheme, host, explicit, "/")[:-1],
@@ -172,8 +174,7 @@ class Forwarder:
             return found[1]
         if len(self._upstreams) > 4096:  # wildcard routes: bounded
             self._upstreams.clear()
-        tls = self._ssl_for(route) if text[:6].lower() == "https:" else None
-        prepared = _prepare(text, route, tls, self._slots_for(route))
+        prepared = _prepare(text, route, self._ssl_for, self._slots_for(route))
         self._upstreams[(id(route), text)] = (route, prepared)
         return prepared
 
@@ -200,7 +201,7 @@ class Forwarder:
         if up.private_literal and not dest.allow_private:
             # Refused before a token is fetched or a body read; the pool would refuse it too.
             raise Forbidden(
-                f"upstream {up.host} is a loopback or link-local address; refused "
+                f"upstream {up.origin.host} is a loopback or link-local address; refused "
                 "(set allow_private: true on the route if this is intended)",
                 route=route.name,
             )

@@ -183,7 +183,7 @@ async def test_a_body_that_ends_with_the_connection_is_read_to_the_end(
             "switched",
         ),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", "closed"),
-        (b"HTTP/1.1 200 " + b"a" * (MAX_HEAD_BYTES + 10) + b"\r\n\r\n", "too long"),
+        (b"HTTP/1.1 200 " + b"a" * (MAX_HEAD_BYTES + 10) + b"\r\n\r\n", "too large"),
     ],
     ids=["garbage", "huge-head", "upgrade", "truncated", "huge-status-line"],
 )

@@ -67,37 +67,35 @@ class Credentials:
         self._keys[cache_key] = (route, key, fetch)
         return key, fetch
 
-    def _known_key(self, route: Route, scopes: tuple[str, ...]) -> tuple[TokenKey, Fetch] | None:
-        """The key (and how to fetch its token), when the identity it depends on is already
-        known (no waiting)."""
-        if route.server.client_auth == "mtls":  # certificate-bound: a new SVID, a new token
+    def _identity_now(self, route: Route) -> tuple[str, str | None] | None:
+        """(SPIFFE ID, certificate fingerprint) a token for ``route`` depends on, if already
+        known: mTLS-bound tokens change with the X.509-SVID, the others with the SPIFFE ID."""
+        if route.server.client_auth == "mtls":
             svid = self.identity.x509
-            if svid is None:
-                return None
-            return self._key(route, scopes, svid.spiffe_id, svid.fingerprint)
+            return None if svid is None else (svid.spiffe_id, svid.fingerprint)
         spiffe_id = self.identity.spiffe_id
-        return None if spiffe_id is None else self._key(route, scopes, spiffe_id, None)
+        return None if spiffe_id is None else (spiffe_id, None)
 
-    async def _key_and_fetch(self, route: Route, scopes: tuple[str, ...]) -> tuple[TokenKey, Fetch]:
-        known = self._known_key(route, scopes)
+    async def _identity(self, route: Route) -> tuple[str, str | None]:
+        known = self._identity_now(route)
         if known is not None:
             return known
         server = route.server
         if server.client_auth == "mtls":
             svid = await self.identity.x509_svid()
-            return self._key(route, scopes, svid.spiffe_id, svid.fingerprint)
+            return svid.spiffe_id, svid.fingerprint
         # First request before any SVID was seen: learn our SPIFFE ID.
-        spiffe_id = (await self.identity.jwt_svid(server.jwt_svid_audience)).spiffe_id
-        return self._key(route, scopes, spiffe_id, None)
+        return (await self.identity.jwt_svid(server.jwt_svid_audience)).spiffe_id, None
 
     def cached(self, route: Route, scopes: tuple[str, ...]) -> tuple[TokenKey, AccessToken] | None:
         """The token for a request when the cache has a usable one now (no await), else None:
         then :meth:`lookup`. The data path's usual case."""
-        known = self._known_key(route, scopes)
-        if known is None:
+        identity = self._identity_now(route)
+        if identity is None:
             return None
-        token = self.cache.fresh(*known)
-        return None if token is None else (known[0], token)
+        key, fetch = self._key(route, scopes, *identity)
+        token = self.cache.fresh(key, fetch)
+        return None if token is None else (key, token)
 
     async def token(self, route: Route, scopes: tuple[str, ...]) -> tuple[TokenKey, AccessToken]:
         key, token, _ = await self.lookup(route, scopes)
@@ -107,7 +105,7 @@ class Credentials:
         self, route: Route, scopes: tuple[str, ...]
     ) -> tuple[TokenKey, AccessToken, bool]:
         """The token for a request, and whether the cache had it."""
-        key, fetch = await self._key_and_fetch(route, scopes)
+        key, fetch = self._key(route, scopes, *await self._identity(route))
         token, hit = await self.cache.lookup(key, fetch)
         return key, token, hit
 

@@ -11,8 +11,9 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from sidecar import __version__, config, logs
+from sidecar import __version__, config
 from sidecar.errors import ConfigError, ProxyError
+from sidecar.ops import logs
 
 log = logging.getLogger("sidecar")
 
@@ -185,7 +186,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from sidecar.checks import check_config, summary
+    from sidecar.ops.checks import check_config, summary
 
     cfg = _load(args.config)
     if cfg is None:
@@ -201,7 +202,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from sidecar.checks import explain, fetch_and_describe
+    from sidecar.ops.checks import explain, fetch_and_describe
 
     cfg = _load(args.config)
     if cfg is None:

@@ -19,9 +19,6 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from sidecar import logs as logs_module
-from sidecar.admin import Admin
-from sidecar.audit import Exchange
 from sidecar.config import Address, AuthorizationServer, Config
 from sidecar.config import load as load_config
 from sidecar.credentials.broker import Credentials
@@ -30,14 +27,17 @@ from sidecar.credentials.identity import WorkloadIdentity
 from sidecar.credentials.token_cache import TokenCache
 from sidecar.credentials.token_client import TokenClient
 from sidecar.errors import ConfigError, ProxyError
-from sidecar.listener import Listener, Reply, Request
-from sidecar.metrics import UNMATCHED, Metrics
-from sidecar.reload import ConfigWatcher
+from sidecar.ops import logs as logs_module
+from sidecar.ops.admin import Admin
+from sidecar.ops.audit import Exchange
+from sidecar.ops.metrics import UNMATCHED, Metrics
+from sidecar.ops.reload import ConfigWatcher
+from sidecar.proxy.listener import Listener, Reply, Request
+from sidecar.proxy.tunnel import open_tunnel
+from sidecar.proxy.upstream import Forwarder
 from sidecar.routing import Route, RoutingTable
 from sidecar.tasks import Background
 from sidecar.tls import ContextCache
-from sidecar.tunnel import open_tunnel
-from sidecar.upstream import Forwarder
 
 log = logging.getLogger("sidecar")
 

@@ -22,7 +22,7 @@ import uvloop
 from sidecar import config
 from sidecar.credentials.dpop import b64url
 from sidecar.devstack.stack import DevStack, dev_stack
-from sidecar.logs import JsonFormatter, RedactingFilter
+from sidecar.ops.logs import JsonFormatter, RedactingFilter
 from sidecar.runtime import Sidecar
 
 

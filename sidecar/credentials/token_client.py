@@ -31,11 +31,11 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 import jwt
 
-from sidecar.audit import token_reference
 from sidecar.config import AuthorizationServer
 from sidecar.credentials.dpop import DpopKey, NonceStore, access_token_hash
 from sidecar.credentials.identity import JwtSvid, WorkloadIdentity
 from sidecar.errors import ProxyError, TokenRejected, TokenUnavailable, sanitize
+from sidecar.ops.audit import token_reference
 from sidecar.secret import Secret
 
 log = logging.getLogger("sidecar.token")

@@ -94,8 +94,8 @@ def cmd_inject(args: argparse.Namespace) -> int:
 
 
 def cmd_webhook(args: argparse.Namespace) -> int:
-    from sidecar import logs
     from sidecar.kube.webhook import ReloadingCertificate, WebhookServer
+    from sidecar.ops import logs
 
     options = _options(args)
     if options is None:

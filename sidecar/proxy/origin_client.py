@@ -32,7 +32,7 @@ from typing import Any, cast
 
 import httptools
 
-from sidecar.flow import BodyBuffer, WriteFlow
+from sidecar.proxy.flow import BodyBuffer, WriteFlow
 
 HIGH_WATER = 256 * 1024  # body bytes buffered from the origin before reading pauses
 LOW_WATER = 64 * 1024

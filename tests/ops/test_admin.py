@@ -16,7 +16,7 @@ from sidecar.runtime import Sidecar
 from tests.conftest import AppClient, ManualClock, running_sidecar
 
 URL = f"http://{SAAS_HOST}/v1/invoices"
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "operations.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
 
 
 async def admin_get(sidecar: Sidecar, path: str) -> tuple[int, Any]:

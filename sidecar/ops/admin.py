@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from sidecar.config import Address
-from sidecar.metrics import CONTENT_TYPE
+from sidecar.ops.metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
     from sidecar.runtime import Sidecar

@@ -1,6 +1,6 @@
 """Header hygiene both ways."""
 
-from sidecar.headers import forwarded, relayed_block
+from sidecar.proxy.headers import forwarded, relayed_block
 
 
 def test_request_headers_strip_hop_by_hop_credentials_and_listed() -> None:
@@ -63,7 +63,7 @@ def test_relayed_block_plans_by_names_but_checks_connection_each_time() -> None:
 
 
 def test_relay_plans_stay_bounded_whatever_names_origins_choose() -> None:
-    from sidecar import headers
+    from sidecar.proxy import headers
 
     for i in range(600):
         assert relayed_block([(f"X-Random-{i}".encode(), b"v")]) == f"X-Random-{i}: v\r\n".encode()

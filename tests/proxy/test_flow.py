@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from sidecar.flow import Slots
+from sidecar.proxy.flow import Slots
 
 
 async def test_free_slots_are_taken_without_waiting_and_the_rest_queue_in_order() -> None:

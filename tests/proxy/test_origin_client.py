@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from sidecar.devstack.pki import DevCA
-from sidecar.origin_client import (
+from sidecar.proxy.origin_client import (
     MAX_HEAD_BYTES,
     Origin,
     OriginBroken,

@@ -5,7 +5,7 @@ with its route, host, port and byte counts. Everything else that asks for CONNEC
 saying why (see :meth:`sidecar.routing.RoutingTable.tunnel_for`).
 
 After the ``200 Connection established`` line the connection stops being HTTP: the listener
-hands its raw bytes over (:meth:`~sidecar.listener.Reply.take_over`). Backpressure holds both
+hands its raw bytes over (:meth:`~sidecar.proxy.listener.Reply.take_over`). Backpressure holds both
 ways: a slow upstream pauses reading from the app, a slow app pauses reading from upstream.
 """
 
@@ -17,8 +17,8 @@ import logging
 
 from sidecar.config import Destination
 from sidecar.errors import Forbidden, UpstreamTimeout, UpstreamUnavailable
-from sidecar.listener import Reply, Tunnel
-from sidecar.origin_client import OriginRefused, OriginUnreachable, resolve
+from sidecar.proxy.listener import Reply, Tunnel
+from sidecar.proxy.origin_client import OriginRefused, OriginUnreachable, resolve
 
 log = logging.getLogger("sidecar.tunnel")
 

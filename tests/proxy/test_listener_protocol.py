@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from sidecar.devstack.stack import SAAS_HOST, DevStack
-from sidecar.listener import (
+from sidecar.proxy.listener import (
     BODY_IDLE_TIMEOUT,
     HEAD_TIMEOUT,
     KEEPALIVE_IDLE,

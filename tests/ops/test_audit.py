@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from sidecar.devstack.stack import SAAS_HOST, DevStack
-from sidecar.logs import JsonFormatter
+from sidecar.ops.logs import JsonFormatter
 from tests.conftest import AppClient, LogCapture, running_sidecar
 
 

@@ -29,7 +29,7 @@ import httptools
 
 from sidecar.config import Address
 from sidecar.errors import BadRequest, ProxyError
-from sidecar.flow import BodyBuffer, WriteFlow
+from sidecar.proxy.flow import BodyBuffer, WriteFlow
 
 log = logging.getLogger("sidecar.listener")
 

@@ -1,6 +1,6 @@
 """Upstream: send the app's request to the real API over TLS, with our credentials, and stream
 the answer back. This is the data path's policy; the bytes go through
-:mod:`sidecar.origin_client` (a lean HTTP/1.1 client: aiohttp's was most of our CPU).
+:mod:`sidecar.proxy.origin_client` (a lean HTTP/1.1 client: aiohttp's was most of our CPU).
 
 One request, at most two attempts (RFC 9449 §9 nonce, or a rejected token), never a loop:
   1. Authorization + a fresh DPoP proof for the URL actually sent;
@@ -34,7 +34,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from sidecar.audit import Exchange
 from sidecar.config import Destination
 from sidecar.credentials.broker import Credentials
 from sidecar.credentials.dpop import htu
@@ -45,10 +44,11 @@ from sidecar.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from sidecar.flow import Slots
-from sidecar.headers import forwarded, has_app_credentials, relayed_block
-from sidecar.listener import Reply, Request
-from sidecar.origin_client import (
+from sidecar.ops.audit import Exchange
+from sidecar.proxy.flow import Slots
+from sidecar.proxy.headers import forwarded, has_app_credentials, relayed_block
+from sidecar.proxy.listener import Reply, Request
+from sidecar.proxy.origin_client import (
     Origin,
     OriginError,
     OriginRefused,

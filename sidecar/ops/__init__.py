@@ -1,0 +1,1 @@
+"""What operators see and steer: admin port, metrics, audit, logs, reload, check/explain."""

@@ -104,6 +104,7 @@ class Destination:
     read_timeout: float
     total_timeout: float | None = None
     max_connections: int = 64  # per upstream origin
+    queue_timeout: float = 5.0  # seconds a request may wait for one of those connections
     app_credentials: Literal["strip", "refuse"] = "strip"
     via: bool = False
     tunnel: bool = False  # CONNECT to this host: a blind TCP tunnel, no credential
@@ -123,6 +124,7 @@ class Config:
     log_format: Literal["json", "console"] = "json"
     max_header_bytes: int = 16 * 1024
     replay_buffer_bytes: int = 1024 * 1024
+    max_app_connections: int = 4096  # open connections from the app; more are closed at once
     extra: Mapping[str, Any] = field(default_factory=dict)
     prefetch: bool = True  # fetch each route's default token at start (readiness needs it)
     audit_query: bool = False  # put query strings in the audit log
@@ -390,6 +392,7 @@ def _destination(node: _Node, servers: Mapping[str, object], base: Path) -> Dest
         "read_timeout",
         "total_timeout",
         "max_connections",
+        "queue_timeout",
         "app_credentials",
         "via",
         "tunnel",
@@ -441,6 +444,7 @@ def _destination(node: _Node, servers: Mapping[str, object], base: Path) -> Dest
         if node.child("total_timeout").value is not None
         else None,
         max_connections=_port_like(node, "max_connections", 64, 1, 10_000) or 64,
+        queue_timeout=_positive(node, "queue_timeout", 5.0),
         app_credentials=node.choice("app_credentials", ("strip", "refuse"), "strip"),  # type: ignore[arg-type]
         via=bool(node.get("via", bool, False)),
         tunnel=tunnel,
@@ -584,10 +588,16 @@ def _parse(root: _Node, source: Path | None, env: Mapping[str, str], base: Path)
         watch = bool(reload.get("watch", bool, True))
         interval = _positive(reload, "interval", 2.0)
     limits = root.child("limits")
-    max_header, replay = 16 * 1024, 1024 * 1024
-    if limits.value is not None and limits.mapping({"max_header_bytes", "replay_buffer_bytes"}):
+    max_header, replay, app_connections = 16 * 1024, 1024 * 1024, 4096
+    if limits.value is not None and limits.mapping(
+        {"max_header_bytes", "replay_buffer_bytes", "max_app_connections"}
+    ):
         max_header = int(_positive(limits, "max_header_bytes", max_header))
         replay = int(_positive(limits, "replay_buffer_bytes", replay))
+        app_connections = (
+            _port_like(limits, "max_app_connections", app_connections, 1, 1_000_000)
+            or app_connections
+        )
 
     if problems:
         raise ConfigError(problems)
@@ -603,6 +613,7 @@ def _parse(root: _Node, source: Path | None, env: Mapping[str, str], base: Path)
         log_format=fmt,  # type: ignore[arg-type]
         max_header_bytes=max_header,
         replay_buffer_bytes=replay,
+        max_app_connections=app_connections,
         prefetch=prefetch,
         audit_query=audit_query,
         watch=watch,

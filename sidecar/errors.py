@@ -17,6 +17,7 @@ cryptography) are converted into these at the module that calls the library, nev
         ├── TokenUnavailable         503  AS unreachable / 5xx and no valid token cached
         ├── TokenRejected            502  AS answered 4xx, or an unsafe token response
         ├── UpstreamUnavailable      502  cannot connect / TLS failure to the upstream
+        ├── UpstreamBusy             503  no connection slot to the upstream freed up in time
         └── UpstreamTimeout          504
 
 No message here may contain a token, proof, key or SVID: details are written by our code from
@@ -123,6 +124,14 @@ class TokenRejected(ProxyError):
 class UpstreamUnavailable(ProxyError):
     status = 502
     code = "upstream_unavailable"
+
+
+class UpstreamBusy(ProxyError):
+    """Every connection slot of the route stayed taken for the route's ``queue_timeout``:
+    the request was never sent (safe to retry, after Retry-After)."""
+
+    status = 503
+    code = "upstream_busy"
 
 
 class UpstreamTimeout(ProxyError):

@@ -32,6 +32,7 @@ from sidecar.ops.admin import Admin
 from sidecar.ops.audit import Exchange
 from sidecar.ops.metrics import UNMATCHED, Metrics
 from sidecar.ops.reload import ConfigWatcher
+from sidecar.proxy.admission import Admission
 from sidecar.proxy.listener import Listener, Reply, Request
 from sidecar.proxy.tunnel import open_tunnel
 from sidecar.proxy.upstream import Forwarder
@@ -84,6 +85,7 @@ class Sidecar:
         self.proxy_address: Address | None = None
         self.admin_address: Address | None = None
         self.local_addresses: dict[str, Address] = {}
+        self._watcher: tuple[ConfigWatcher, asyncio.Task[None]] | None = None
         self.stopping = False
 
     @property
@@ -117,11 +119,17 @@ class Sidecar:
         self.credentials = Credentials(
             self.identity, self.token_client, cache, self.dpop_key, self.nonces
         )
+        self.admission = Admission(config.max_app_connections)
         self.forwarder = Forwarder(
-            self.credentials, ssl_for=self._route_ssl, replay_limit=config.replay_buffer_bytes
+            self.credentials,
+            ssl_for=self._route_ssl,
+            replay_limit=config.replay_buffer_bytes,
+            admission=self.admission,
+        )
+        self.listener = Listener(
+            self.handle, max_header_bytes=config.max_header_bytes, admission=self.admission
         )
         self.metrics.bind(self)
-        self.listener = Listener(self.handle, max_header_bytes=config.max_header_bytes)
         listener = self.listener
         self.metrics.in_flight.set_function(lambda: listener.in_flight)  # read at scrape time
         self.admin = Admin(self)
@@ -140,7 +148,7 @@ class Sidecar:
         if config.watch and config.source is not None:
             watcher = ConfigWatcher(config.source, config.watch_interval, self.reload)
             await watcher.baseline()  # before start() returns: no change can slip past
-            self._background.spawn(watcher.run(), name="config watcher")
+            self._watch(watcher)
         log.info(
             "listening", extra={"proxy": str(self.proxy_address), "admin": str(self.admin_address)}
         )
@@ -228,12 +236,41 @@ class Sidecar:
         self.snapshot = snapshot  # one assignment: in-flight requests keep theirs
         self.generation += 1
         self.metrics.reloads.labels("success").inc()
-        logs_module.set_level(new.log_level)
+        # What was derived from the old config dies with it (reloads must not grow memory):
+        # prepared upstreams, token keys holding old routes, idle connections of old contexts.
+        self.forwarder.config_applied(snapshot.tls.contexts(), snapshot.routing.all_route_names)
+        self.credentials.config_applied()
+        self._apply_settings(old, new)
         log.info(
             "config reloaded",
             extra={"source": str(new.source), "routes": len(new.destinations)},
         )
         self._background.spawn(self._notify_changed(), name="config changed")
+
+    def _apply_settings(self, old: Config, new: Config) -> None:
+        """The settings a reload applies in place (``listen`` & co. need a restart)."""
+        logs_module.set_level(new.log_level)
+        if new.log_format != old.log_format:
+            logs_module.set_format(new.log_format)
+        self.listener.max_header_bytes = new.max_header_bytes
+        self.admission.max_connections = new.max_app_connections
+        self.forwarder.replay_limit = new.replay_buffer_bytes
+        watcher = self._watcher
+        if watcher is not None and (not new.watch or new.watch_interval != old.watch_interval):
+            watcher[1].cancel()
+            self._watcher = None
+        if new.watch and self._watcher is None and new.source is not None:
+            self._background.spawn(self._watch_from_now(new), name="config watcher start")
+
+    async def _watch_from_now(self, config: Config) -> None:
+        assert config.source is not None
+        replacement = ConfigWatcher(config.source, config.watch_interval, self.reload)
+        await replacement.baseline()  # this file is the one just applied
+        if self._watcher is None and not self.stopping:
+            self._watch(replacement)
+
+    def _watch(self, watcher: ConfigWatcher) -> None:
+        self._watcher = (watcher, self._background.spawn(watcher.run(), name="config watcher"))
 
     async def _notify_changed(self) -> None:
         async with self._changed:

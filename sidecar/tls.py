@@ -24,3 +24,6 @@ class ContextCache:
         if context is None:
             context = self._contexts[ca_file] = client_context(ca_file)
         return context
+
+    def contexts(self) -> list[ssl.SSLContext]:
+        return list(self._contexts.values())

@@ -38,6 +38,16 @@ class Credentials:
             tuple[Route, TokenKey, Fetch],
         ] = {}
 
+    def config_applied(self) -> None:
+        """A new config is in force: the keys built for the old one's routes go (they hold
+        those routes); tokens stay cached by :class:`TokenKey` value, so an unchanged route
+        finds its token again."""
+        self._keys.clear()
+
+    @property
+    def key_count(self) -> int:
+        return len(self._keys)
+
     def _key(
         self, route: Route, scopes: tuple[str, ...], spiffe_id: str, x509: str | None
     ) -> tuple[TokenKey, Fetch]:

@@ -9,7 +9,7 @@ accepted Bearer token - a DPoP proof (RFC 9449 §7) whose key matches ``cnf.jkt`
 What it saw is recorded per request (headers, body hash, verified claims) so tests assert on
 what really arrived. Special paths: ``/download/<n>`` streams n bytes, ``/headers`` echoes
 the request headers, ``/status/<code>`` answers that status, ``/echo`` returns the body,
-``/hang`` never answers (until the server stops).
+``/hang`` never answers (until the server stops), ``/wait`` answers once ``release`` is set.
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ class DevSaasApi:
         self.started: asyncio.Queue[str] = asyncio.Queue()  # raw paths, as requests arrive
         self.port = 0
         self._hang = asyncio.Event()
+        self.release = asyncio.Event()  # /wait answers once set: a stall the test ends
         self._runner: web.ServerRunner | None = None
 
     async def __aenter__(self) -> DevSaasApi:
@@ -95,6 +96,7 @@ class DevSaasApi:
 
     async def __aexit__(self, *exc: object) -> None:
         self._hang.set()
+        self.release.set()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -163,6 +165,9 @@ class DevSaasApi:
         if parts[0] == "hang":  # never answers until the server stops: timeout tests
             await self._hang.wait()
             raise web.HTTPServiceUnavailable()
+        if parts[0] == "wait":  # stalls until the test sets `release`, then answers
+            await self.release.wait()
+            return web.json_response({"ok": True, "path": request.raw_path})
         if parts[0] == "headers":
             return web.json_response({"headers": seen.headers})
         if echo is not None:

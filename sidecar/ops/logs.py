@@ -70,8 +70,19 @@ def set_level(level: str) -> None:
         logging.getLogger().setLevel(level.upper())
 
 
+HANDLER_NAME = "sidecar"  # the handler configure() installs; set_format() changes only it
+
+
+def set_format(fmt: str) -> None:
+    """Change the output format at runtime (config reload)."""
+    for handler in logging.getLogger().handlers:
+        if handler.get_name() == HANDLER_NAME:
+            handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
+
+
 def configure(level: str = "info", fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(HANDLER_NAME)
     handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()

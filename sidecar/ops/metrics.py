@@ -95,6 +95,7 @@ class Metrics:
     def bind(self, sidecar: Sidecar) -> None:
         """Add the gauges that are read from the sidecar's state at scrape time."""
         self.registry.register(_StateCollector(sidecar))
+        self.registry.register(_AdmissionCollector(sidecar))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -190,3 +191,37 @@ class _StateCollector(Collector):
         if identity.x509 is not None:
             svids.add_metric(["x509"], identity.x509.expires_at - now)
         yield svids
+
+
+class _AdmissionCollector(Collector):
+    """Connections from the app and the file-descriptor limit (see proxy/admission.py)."""
+
+    def __init__(self, sidecar: Sidecar) -> None:
+        self._sidecar = sidecar
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        sidecar = self._sidecar
+        admission = sidecar.admission
+        yield GaugeMetricFamily(
+            "sidecar_app_connections",
+            "Open connections from the app.",
+            value=len(sidecar.listener.connections),
+        )
+        refused = CounterMetricFamily(
+            "sidecar_app_connections_refused",
+            "Connections from the app closed unserved (limit: limits.max_app_connections; "
+            "fd_limit: too few file descriptors left).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(admission.refused.items()):
+            refused.add_metric([reason], count)
+        yield refused
+        exhausted = CounterMetricFamily(
+            "sidecar_fd_exhausted",
+            "Times the file-descriptor limit was hit (accept: a new app connection; upstream: "
+            "connecting to an API).",
+            labels=["where"],
+        )
+        for where, count in sorted(admission.fd_exhausted.items()):
+            exhausted.add_metric([where], count)
+        yield exhausted

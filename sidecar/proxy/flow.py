@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 from collections.abc import Callable
 
 
@@ -97,14 +98,26 @@ class BodyBuffer:
 
 class Slots:
     """At most ``limit`` holders at once; the rest wait in order. Taking a free slot does not
-    suspend (the data path's usual case), unlike ``asyncio.Semaphore``'s ``async with``."""
+    suspend (the data path's usual case), unlike ``asyncio.Semaphore``'s ``async with``.
+
+    A wait is bounded: :meth:`take` gives up at a deadline, or as soon as a ``gone`` future
+    completes (the app closed its connection), so a stalled upstream cannot collect an
+    unbounded queue of requests nobody waits for any more."""
 
     __slots__ = ("_free", "_waiters", "limit")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._free = limit
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._waiters: collections.deque[asyncio.Future[bool]] = collections.deque()
+
+    @property
+    def free(self) -> int:
+        return self._free
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
 
     def take_now(self) -> bool:
         if self._free > 0 and not self._waiters:
@@ -112,24 +125,54 @@ class Slots:
             return True
         return False
 
-    async def take(self) -> None:
+    async def take(
+        self, deadline: float | None = None, gone: asyncio.Future[None] | None = None
+    ) -> bool:
+        """Wait for a slot: True once held; False if loop time ``deadline`` passed or ``gone``
+        completed first (then no slot is held and the waiter has left the queue)."""
         if self.take_now():
-            return
-        waiter = asyncio.get_running_loop().create_future()
+            return True
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
         self._waiters.append(waiter)
+        timer = None if deadline is None else loop.call_at(deadline, _give_up, waiter)
+        on_gone = None
+        if gone is not None:
+            if gone.done():
+                _give_up(waiter)
+            else:
+                on_gone = lambda _: _give_up(waiter)  # noqa: E731 - removed again below
+                gone.add_done_callback(on_gone)
         try:
-            await waiter
+            held = await waiter
         except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
+            if waiter.done() and not waiter.cancelled() and waiter.result():
                 self.give()  # the slot was handed to us as we were cancelled: pass it on
-            elif waiter in self._waiters:
-                self._waiters.remove(waiter)
+            else:
+                self._leave(waiter)
             raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if on_gone is not None and gone is not None:
+                gone.remove_done_callback(on_gone)
+        if not held:
+            self._leave(waiter)
+        return held
+
+    def _leave(self, waiter: asyncio.Future[bool]) -> None:
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(waiter)
 
     def give(self) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)  # the slot goes straight to the next in line
+                waiter.set_result(True)  # the slot goes straight to the next in line
                 return
         self._free += 1
+
+
+def _give_up(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)

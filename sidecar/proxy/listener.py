@@ -29,6 +29,7 @@ import httptools
 
 from sidecar.config import Address
 from sidecar.errors import BadRequest, ProxyError
+from sidecar.proxy.admission import Admission
 from sidecar.proxy.flow import BodyBuffer, WriteFlow
 
 log = logging.getLogger("sidecar.listener")
@@ -108,6 +109,16 @@ class Request:
     @property
     def body_exists(self) -> bool:
         return self.chunked or bool(self.content_length)
+
+    @property
+    def app_gone(self) -> bool:
+        """The app closed its connection: nobody will read an answer to this request."""
+        return self._conn.closed
+
+    def gone(self) -> asyncio.Future[None]:
+        """A future completed when the app's connection closes (for waits that must end
+        then: a request nobody waits for is never sent upstream)."""
+        return self._conn.gone()
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives (llhttp has removed any chunked framing)."""
@@ -325,17 +336,27 @@ class _Connection(asyncio.Protocol):
         self._early_tunnel_bytes = b""  # app bytes that followed a CONNECT head
         self.closed = False
         self.closed_event = asyncio.Event()
+        self._gone: asyncio.Future[None] | None = None  # made by the first wait that needs it
         self.last_activity = time.monotonic()
 
     # -- transport ---------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.listener.connections.add(self)
+        listener = self.listener
+        sock = transport.get_extra_info("socket")
+        fd = sock.fileno() if sock is not None else -1
+        if not listener.admission.admit(len(listener.connections), fd):
+            self.closed = True  # nothing is read from it; connection_lost has nothing to do
+            transport.close()
+            return
+        listener.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.closed_event.set()
+        if self._gone is not None and not self._gone.done():
+            self._gone.set_result(None)
         self.listener.connections.discard(self)
         for request in (self._parsing, *self._queue):
             if request is not None:
@@ -343,6 +364,13 @@ class _Connection(asyncio.Protocol):
         self._flow.fail(ConnectionResetError("the app closed the connection"))
         if self._next is not None and not self._next.done():
             self._next.set_result(None)  # the serving task sees the connection closed and ends
+
+    def gone(self) -> asyncio.Future[None]:
+        if self._gone is None:
+            self._gone = asyncio.get_running_loop().create_future()
+            if self.closed:
+                self._gone.set_result(None)
+        return self._gone
 
     def pause_writing(self) -> None:
         self._flow.pause()
@@ -567,9 +595,12 @@ def _version(text: str) -> tuple[int, int]:
 
 
 class Listener:
-    def __init__(self, handler: Handler, *, max_header_bytes: int) -> None:
+    def __init__(
+        self, handler: Handler, *, max_header_bytes: int, admission: Admission | None = None
+    ) -> None:
         self._handler = handler
-        self.max_header_bytes = max_header_bytes
+        self.max_header_bytes = max_header_bytes  # both swapped on reload
+        self.admission = admission or Admission(4096)
         self._servers: list[asyncio.Server] = []
         self.connections: set[_Connection] = set()
         self._tasks: set[asyncio.Task[Any]] = set()

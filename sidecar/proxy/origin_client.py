@@ -26,7 +26,7 @@ import asyncio
 import ipaddress
 import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -434,14 +434,31 @@ def _expire(future: asyncio.Future[Any], what: str) -> None:
 class Pool:
     """Idle keep-alive connections per :class:`Origin`, and the way to make new ones."""
 
-    def __init__(self, *, max_idle: int = MAX_IDLE_PER_ORIGIN) -> None:
+    def __init__(
+        self,
+        *,
+        max_idle: int = MAX_IDLE_PER_ORIGIN,
+        on_connect_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
         self._idle: dict[Origin, list[_Connection]] = {}
         self._all: set[_Connection] = set()
         self._max_idle = max_idle
+        self._on_connect_error = on_connect_error  # sees EMFILE: running out of descriptors
+        self._live_contexts: set[int] | None = (
+            None  # ids of the live TLS contexts, after a retire()
+        )
 
     def give_back(self, conn: _Connection) -> None:
+        ssl_context = conn.origin.ssl
+        if conn.closed or (
+            self._live_contexts is not None
+            and ssl_context is not None
+            and id(ssl_context) not in self._live_contexts
+        ):
+            conn.close()  # made for a config that has been replaced
+            return
         idle = self._idle.setdefault(conn.origin, [])
-        if len(idle) >= self._max_idle or conn.closed:
+        if len(idle) >= self._max_idle:
             conn.close()
             return
         idle.append(conn)
@@ -451,6 +468,30 @@ class Pool:
         idle = self._idle.get(conn.origin)
         if idle and conn in idle:
             idle.remove(conn)
+        if idle is not None and not idle:
+            del self._idle[conn.origin]  # no empty entry per origin ever seen (wildcards)
+
+    def retire(self, contexts: Collection[ssl.SSLContext]) -> int:
+        """Close the idle connections made with a TLS context not in ``contexts`` (those of
+        the config in force), so an old config's contexts and connections are not kept alive
+        by the pool. Connections in use finish their exchange and are closed when released
+        (their origin is no longer pooled). Returns how many were closed."""
+        live = {id(context) for context in contexts}
+        closed = 0
+        for origin in [o for o in self._idle if o.ssl is not None and id(o.ssl) not in live]:
+            for conn in self._idle.pop(origin):
+                conn.close()
+                closed += 1
+        self._live_contexts = live
+        return closed
+
+    @property
+    def idle_count(self) -> int:
+        return sum(len(conns) for conns in self._idle.values())
+
+    def __len__(self) -> int:
+        """Open connections, idle or in use."""
+        return len(self._all)
 
     async def close(self) -> None:
         for conn in list(self._all):
@@ -539,6 +580,8 @@ class Pool:
                         )
                     except (OSError, ssl.SSLError) as exc:
                         last = exc
+                        if self._on_connect_error is not None:
+                            self._on_connect_error(exc)
                         continue
                     self._all.add(conn)
                     return conn

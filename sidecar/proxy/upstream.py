@@ -30,7 +30,7 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -41,10 +41,12 @@ from sidecar.errors import (
     BadRequest,
     Forbidden,
     ProxyError,
+    UpstreamBusy,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
 from sidecar.ops.audit import Exchange
+from sidecar.proxy.admission import Admission
 from sidecar.proxy.flow import Slots
 from sidecar.proxy.headers import forwarded, has_app_credentials, relayed_block
 from sidecar.proxy.listener import Reply, Request
@@ -154,11 +156,16 @@ class Forwarder:
         *,
         ssl_for: Callable[[Route], ssl.SSLContext],
         replay_limit: int,
+        admission: Admission | None = None,
     ) -> None:
         self._credentials = credentials
         self._ssl_for = ssl_for
-        self.replay_limit = replay_limit
-        self._pool = Pool()
+        self.replay_limit = replay_limit  # swapped on reload
+        on_error = None
+        if admission is not None:
+            check = admission.check_error
+            on_error = lambda exc: check(exc, "upstream")  # noqa: E731
+        self._pool = Pool(on_connect_error=on_error)
         # (route, upstream text) -> prepared; the route object is kept and compared, so a
         # reloaded config (new Route objects, maybe new CA files) never reuses an old one.
         self._upstreams: dict[tuple[int, str], tuple[Route, _Upstream]] = {}
@@ -166,6 +173,29 @@ class Forwarder:
 
     async def close(self) -> None:
         await self._pool.close()
+
+    def config_applied(
+        self, contexts: Collection[ssl.SSLContext], route_names: Collection[str]
+    ) -> None:
+        """A new config is in force: forget what was prepared for the old one's routes (they
+        are prepared again on first use) and close idle connections made with its TLS
+        contexts. Requests in flight keep what they hold until they finish."""
+        self._upstreams.clear()
+        for name in [n for n in self._slots if n not in route_names]:
+            del self._slots[name]  # its holders in flight still give back to their own Slots
+        self._pool.retire(contexts)
+
+    @property
+    def pool(self) -> Pool:
+        return self._pool
+
+    def slots_of(self, route_name: str) -> Slots | None:
+        return self._slots.get(route_name)
+
+    @property
+    def prepared(self) -> int:
+        """Routes' upstreams prepared (for tests: bounded across reloads)."""
+        return len(self._upstreams)
 
     def _upstream(self, route: Route, target: Target) -> _Upstream:
         text = route.upstream_origin(target)
@@ -220,16 +250,20 @@ class Forwarder:
             (key, token), hit = found, True
         exchange.cache = "hit" if hit else "miss"
         slots = up.slots
-        if not slots.take_now():
-            await slots.take()
+        timeouts = up.timeouts
+        if timeouts is None or not slots.take_now():
+            timeouts = await self._wait_for_slot(request, slots, dest, timeouts)
         try:
             htu_ = up.htu_prefix + path
             for attempt in (1, 2):
+                if request.app_gone:
+                    # Nobody reads the answer: not sent (a POST retried by the app must not
+                    # reach the API twice because this copy waited in the queue).
+                    raise ConnectionResetError("the app closed the connection")
                 exchange.token = token.reference
                 credential = self._credentials.authorization(
                     token, request.method, htu_, up.nonce_key
                 )
-                timeouts = up.timeouts or self._deadline(dest)
                 sent = time.perf_counter()
                 try:
                     resp = await self._pool.send(
@@ -279,11 +313,39 @@ class Forwarder:
         return _Body(None, request, length)
 
     @staticmethod
-    def _deadline(dest: Destination) -> Timeouts:
-        """Timeouts for a route with ``total_timeout``: a deadline from now."""
-        assert dest.total_timeout is not None
-        deadline = asyncio.get_running_loop().time() + dest.total_timeout
-        return Timeouts(dest.connect_timeout, dest.read_timeout, deadline)
+    async def _wait_for_slot(
+        request: Request, slots: Slots, dest: Destination, timeouts: Timeouts | None
+    ) -> Timeouts:
+        """Take a connection slot within the route's ``queue_timeout`` and the request's
+        ``total_timeout`` (whose deadline starts here: the queue counts in it). Returns the
+        request's timeouts; raises when the app went away meanwhile (the slot is not taken),
+        503 ``upstream_busy`` or 504 when the wait ran out."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadline = None if dest.total_timeout is None else now + dest.total_timeout
+        if timeouts is None:
+            timeouts = Timeouts(dest.connect_timeout, dest.read_timeout, deadline)
+            if slots.take_now():
+                return timeouts
+        queue_end = now + dest.queue_timeout
+        if await slots.take(
+            queue_end if deadline is None else min(queue_end, deadline), request.gone()
+        ):
+            return timeouts
+        if request.app_gone:
+            raise ConnectionResetError("the app closed the connection while queued")
+        if deadline is not None and deadline <= queue_end:
+            raise UpstreamTimeout(
+                f"no connection to the upstream freed up within total_timeout "
+                f"({dest.total_timeout:g} s); the request was not sent",
+                route=dest.name,
+            )
+        raise UpstreamBusy(
+            f"all {slots.limit} connections to the upstream stayed busy for queue_timeout "
+            f"({dest.queue_timeout:g} s); the request was not sent",
+            route=dest.name,
+            retry_after=1,
+        )
 
     async def _relay(self, request: Request, reply: Reply, resp: Response, route: Route) -> None:
         try:

@@ -59,3 +59,32 @@ async def test_a_cancelled_waiter_leaves_the_queue() -> None:
     await asyncio.gather(waiting, return_exceptions=True)
     slots.give()
     assert slots.take_now()  # the slot was not handed to the cancelled waiter
+
+
+async def test_a_wait_gives_up_at_its_deadline_and_leaves_the_queue() -> None:
+    slots = Slots(1)
+    assert slots.take_now()
+    loop = asyncio.get_running_loop()
+    assert await slots.take(loop.time()) is False  # a deadline already passed
+    assert slots.waiting == 0
+    slots.give()
+    assert slots.free == 1  # nobody was handed the slot
+
+
+async def test_a_wait_ends_when_its_app_goes_away() -> None:
+    slots = Slots(1)
+    assert slots.take_now()
+    gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    waiting = asyncio.create_task(slots.take(None, gone))
+    behind = asyncio.create_task(slots.take())
+    await asyncio.sleep(0)
+    assert slots.waiting == 2
+    gone.set_result(None)
+    assert await waiting is False
+    assert slots.waiting == 1
+    slots.give()  # goes to the one still waiting, not to the departed
+    assert await behind is True
+    assert slots.free == 0
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    done.set_result(None)
+    assert await slots.take(None, done) is False  # gone before it even queued

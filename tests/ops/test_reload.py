@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import io
+import logging
 import os
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +15,7 @@ import yaml
 
 from sidecar import config
 from sidecar.devstack.stack import SAAS_HOST, DevStack
+from sidecar.ops import logs as logs_module
 from sidecar.runtime import Sidecar
 from tests.conftest import AppClient, LogCapture
 
@@ -120,3 +125,97 @@ async def test_a_reloaded_resource_gets_its_own_token(stack: DevStack, tmp_path:
     assert first.resources == ("https://api.saas.example",)
     assert after
     assert {r.resources for r in after} == {("https://api.saas.example/v2",)}
+
+
+def ssl_contexts() -> int:
+    gc.collect()
+    return sum(1 for obj in gc.get_objects() if isinstance(obj, ssl.SSLContext))
+
+
+async def test_200_reloads_under_traffic_keep_object_counts_bounded(
+    stack: DevStack, tmp_path: Path
+) -> None:
+    """#16 defect 2: what an old config built (prepared upstreams, token keys, pooled
+    connections and their TLS contexts) dies with it; only in-flight requests hold more."""
+    volume = ConfigMapVolume(tmp_path / "config")
+    path = volume.publish(stack.sidecar_config(reload={"watch": False}))
+    async with Sidecar(config.load(path), grace=5) as sidecar, AppClient(sidecar) as app:
+        assert (await app.request("GET", URL))[0] == 200
+        baseline = ssl_contexts()
+        done = asyncio.Event()
+        statuses: list[int] = []
+
+        async def traffic() -> None:
+            for _ in range(5000):  # bounded in count; stopped once the reloads are over
+                if done.is_set():
+                    return
+                statuses.append((await app.request("GET", URL))[0])
+
+        workers = [asyncio.create_task(traffic()) for _ in range(4)]
+        for _ in range(200):
+            assert await sidecar.reload() is True
+            await asyncio.sleep(0)  # let the traffic through between reloads
+        done.set()
+        await asyncio.gather(*workers)
+        assert set(statuses) == {200}
+        forwarder, pool = sidecar.forwarder, sidecar.forwarder.pool
+        # Only the current config's route, plus what requests in flight at the last reload
+        # re-prepared (none now: the traffic is over).
+        assert forwarder.prepared <= 1 + len(workers)
+        assert sidecar.credentials.key_count <= 1 + len(workers)
+        assert pool.idle_count <= len(workers)
+        assert len(pool) <= len(workers)
+        assert len(sidecar.credentials.cache) == 1  # one token key: the route never changed
+        # One context per CA file of the config in force, plus those pooled connections of the
+        # last generations still hold while they close: not one per reload.
+        assert ssl_contexts() <= baseline + 2 * len(workers)
+        assert sidecar.generation == 201
+
+
+async def test_reload_applies_limits_log_format_and_reload_settings(
+    stack: DevStack, tmp_path: Path, logs: LogCapture
+) -> None:
+    """limits.*, log.format and reload.* were silently ignored by a reload; listen is logged
+    as restart-only."""
+    ours = logging.StreamHandler(io.StringIO())
+    ours.set_name(logs_module.HANDLER_NAME)
+    ours.setFormatter(logs_module.JsonFormatter())
+    logging.getLogger().addHandler(ours)
+    volume = ConfigMapVolume(tmp_path / "config")
+    try:
+        path = volume.publish(stack.sidecar_config(reload={"watch": False}))
+        async with Sidecar(config.load(path), grace=5) as sidecar, AppClient(sidecar) as app:
+            big = {"X-Big": "b" * 3000}
+            assert (await app.request("GET", URL, headers=big))[0] == 200
+            changed = stack.sidecar_config(
+                listen="127.0.0.1:1",  # restart-only
+                log={"format": "console"},
+                limits={
+                    "max_header_bytes": 2048,
+                    "replay_buffer_bytes": 4096,
+                    "max_app_connections": 7,
+                },
+                reload={"watch": True, "interval": 0.05},
+            )
+            volume.publish(changed)
+            assert await sidecar.reload() is True
+            assert sidecar.listener.max_header_bytes == 2048
+            assert sidecar.forwarder.replay_limit == 4096
+            assert sidecar.admission.max_connections == 7
+            assert isinstance(ours.formatter, logs_module.ConsoleFormatter)
+            status, _, _ = await app.request("GET", URL, headers=big)
+            assert status == 400  # the new header limit is in force
+            # reload.watch is now on: the next file change is noticed without a SIGHUP.
+            changed["destinations"][0]["scopes"]["default"] = ["invoices:other"]
+            volume.publish(changed)
+            await asyncio.wait_for(sidecar.wait_for_generation(3), 30)
+            assert sidecar.proxy_address is not None
+            assert sidecar.proxy_address.port != 1  # still on the old port until a restart
+    finally:
+        logging.getLogger().removeHandler(ours)
+    restart_only = [
+        r.__dict__.get("setting")
+        for r in logs.records
+        if r.getMessage() == "this setting changes only on restart"
+    ]
+    assert restart_only == ["listen"]

@@ -45,10 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=1,
-        help="worker processes sharing the ports with SO_REUSEPORT (default 1); each keeps "
-        "its own token cache, so the AS sees up to N times the token requests",
+        help="worker processes sharing the proxy ports with SO_REUSEPORT (default 1), behind "
+        "one admin port; each keeps its own token cache, so the AS sees up to N times the "
+        "token requests",
     )
     run.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    # A worker writes its admin address here once it serves (the supervisor fans out to it).
+    run.add_argument("--report-fd", type=int, default=None, help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="run the sidecar end to end on the embedded dev stack")
@@ -116,41 +119,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.workers > 1 and not args.worker:
         return _supervise(args, cfg)
     _install_uvloop()
-    return asyncio.run(_serve(cfg, args.grace, reuse_port=args.worker))
+    return asyncio.run(_serve(cfg, args.grace, reuse_port=args.worker, report_fd=args.report_fd))
 
 
 def _supervise(args: argparse.Namespace, cfg: config.Config) -> int:
-    """Start ``--workers`` processes on the same ports; forward signals; exit when they do."""
-    import subprocess
+    """Start ``--workers`` processes on the same ports behind one admin port."""
+    from sidecar.ops.supervisor import supervise, worker_command
 
-    if cfg.listen.port == 0 or (cfg.admin is not None and cfg.admin.port == 0):
-        log.error("--workers needs fixed ports: port 0 would give each worker its own")
+    if cfg.listen.port == 0:
+        log.error("--workers needs a fixed proxy port: port 0 would give each worker its own")
         return 2
-    command = [sys.executable, "-m", "sidecar", "run", "--worker", "--grace", str(args.grace)]
-    if args.config:
-        command += ["--config", args.config]
-    workers = [subprocess.Popen(command) for _ in range(args.workers)]  # noqa: S603
-    log.info("workers started", extra={"workers": len(workers)})
-
-    def forward(signum: int, _frame: object) -> None:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.send_signal(signum)
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
-    # The first worker to exit ends the group: a crashed worker must not leave a partial
-    # sidecar behind (the kubelet restarts the container instead).
-    pid, status = os.wait()
-    codes = [os.waitstatus_to_exitcode(status)]
-    for worker in workers:
-        if worker.pid != pid and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-    codes += [worker.wait() for worker in workers if worker.pid != pid]
-    return max(codes, default=0)
+    command = worker_command(args.config, args.grace)
+    return asyncio.run(supervise(command, args.workers, cfg.admin))
 
 
-async def _serve(cfg: config.Config, grace: float, *, reuse_port: bool = False) -> int:
+async def _serve(
+    cfg: config.Config, grace: float, *, reuse_port: bool = False, report_fd: int | None = None
+) -> int:
     from sidecar.runtime import Sidecar
 
     sidecar = Sidecar(cfg, grace=grace, reuse_port=reuse_port)
@@ -171,6 +156,11 @@ async def _serve(cfg: config.Config, grace: float, *, reuse_port: bool = False) 
     except OSError as exc:
         log.error("cannot start: is another process using the port?", extra={"error": str(exc)})
         return 1
+    if report_fd is not None:  # a worker: tell the supervisor where its admin endpoint is
+        with contextlib.suppress(OSError):
+            os.write(report_fd, f"{sidecar.admin_address}\n".encode())
+        with contextlib.suppress(OSError):
+            os.close(report_fd)
     await stop.wait()
     log.info("signal received: draining in-flight requests, then exiting")
     await sidecar.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -118,7 +119,7 @@ async def test_explain_fetch_prints_claims_never_the_token(stack: DevStack, tmp_
 
 @contextlib.asynccontextmanager
 async def running_process(
-    config_path: Path, *args: str, listening: int = 1
+    config_path: Path, *args: str, listening: int = 1, keep_log: bool = False
 ) -> AsyncIterator[tuple[Any, dict[str, Any]]]:
     """`sidecar run` as a process, once ``listening`` processes of it said "listening"."""
     proc = await asyncio.create_subprocess_exec(
@@ -136,10 +137,13 @@ async def running_process(
     assert proc.stderr is not None
     try:
         seen = 0
+        proc.log = []  # the lines read so far (keep_log)
         while True:  # bounded by the timeout: each process logs "listening" once it serves
             line = await asyncio.wait_for(proc.stderr.readline(), 30)
             assert line, "the sidecar exited before listening"
             doc = json.loads(line)
+            if keep_log:
+                proc.log.append(doc)
             seen += doc["msg"] == "listening"
             if seen == listening:
                 yield proc, doc
@@ -230,3 +234,91 @@ async def test_demo_runs_end_to_end_and_exits_0() -> None:
     assert "eyJ" not in text  # claims are shown, never a token or proof
     # gRPC's own plain-text INFO lines (GOAWAY when the Workload API stops) are silenced.
     assert "chttp2" not in err.decode()
+
+
+def free_ports(n: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+async def admin_get(port: int, path: str) -> tuple[int, bytes]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}{path}") as resp,
+    ):
+        return resp.status, await resp.read()
+
+
+async def test_workers_answer_on_one_admin_port_for_all(stack: DevStack, tmp_path: Path) -> None:
+    """#16 defect 7: /metrics from every worker, /readyz only when every worker is ready."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    proxy_port, admin_port = free_ports(2)
+    path = write_config(
+        stack,
+        tmp_path / "c.yaml",
+        listen=f"127.0.0.1:{proxy_port}",
+        admin=f"127.0.0.1:{admin_port}",
+        tokens={"prefetch": True},  # each worker fetches its token at start: both get ready
+    )
+    async with running_process(path, "--workers", "2", listening=2) as (proc, _):
+        for _ in range(300):  # bounded: until both workers hold their token
+            status, body = await admin_get(admin_port, "/readyz")
+            if status == 200:
+                break
+            await asyncio.sleep(0.05)
+        assert status == 200, body
+        doc = json.loads(body)
+        assert doc["workers"] == {"0": "ready", "1": "ready"}
+        assert (await admin_get(admin_port, "/healthz"))[0] == 200
+        status, text = await admin_get(admin_port, "/metrics")
+        assert status == 200
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text.decode())
+            for s in family.samples
+        }
+        ok = (("authorization_server", "dev"), ("outcome", "ok"))
+        # Summed over the workers: what the AS saw, not one worker's share.
+        assert samples[("sidecar_token_requests_total", ok)] == len(
+            stack.auth_server.token_requests
+        )
+        assert len(stack.auth_server.token_requests) == 2
+        workers = {dict(labels).get("worker") for name, labels in samples if "expiry" in name}
+        assert workers == {"0", "1"}  # gauges: one series per worker
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 30) == 0
+
+
+async def test_a_worker_killed_by_a_signal_makes_the_group_exit_128_plus_signal(
+    stack: DevStack, tmp_path: Path
+) -> None:
+    proxy_port, admin_port = free_ports(2)
+    path = write_config(
+        stack,
+        tmp_path / "c.yaml",
+        listen=f"127.0.0.1:{proxy_port}",
+        admin=f"127.0.0.1:{admin_port}",
+    )
+    async with running_process(path, "--workers", "2", listening=2, keep_log=True) as (
+        proc,
+        _,
+    ):
+        started = next(d for d in proc.log if d["msg"] == "workers started")
+        os.kill(started["pids"][1], signal.SIGKILL)
+        assert proc.stderr is not None
+        rest = await asyncio.wait_for(proc.stderr.read(), 30)
+        assert await asyncio.wait_for(proc.wait(), 30) == 137
+    died = [json.loads(line) for line in rest.splitlines() if b"worker died" in line]
+    assert len(died) == 1
+    assert died[0]["signal"] == "SIGKILL"
+    assert died[0]["exit_code"] == 137
+    assert died[0]["pid"] == started["pids"][1]

@@ -94,9 +94,12 @@ class _Fixed(Collector):
         return iter(self._families)
 
 
-def combine_readiness(answers: Sequence[WorkerAnswer]) -> tuple[int, dict[str, object]]:
+def combine_readiness(
+    answers: Sequence[WorkerAnswer], *, detail: bool = True
+) -> tuple[int, dict[str, object]]:
     """200 when every worker's ``/readyz`` said 200, else 503; the problems of each worker
-    (its own words, prefixed with the worker) and a state per worker."""
+    (its own words, prefixed with the worker; without ``detail`` only which things are not
+    ready, for a port reachable beyond loopback) and a state per worker."""
     problems: dict[str, object] = {}
     workers: dict[str, str] = {}
     for answer in answers:
@@ -109,7 +112,7 @@ def combine_readiness(answers: Sequence[WorkerAnswer]) -> tuple[int, dict[str, o
             own = _json_object(answer.body).get("problems")
             if isinstance(own, dict) and own:
                 for what, why in own.items():
-                    problems[f"worker {answer.worker}: {what}"] = why
+                    problems[f"worker {answer.worker}: {what}"] = why if detail else "not ready"
             else:
                 problems[f"worker {answer.worker}"] = f"answered {answer.status}"
     ready = bool(answers) and not problems
@@ -169,8 +172,11 @@ class PodAdmin:
     def __init__(self, workers: dict[str, Address | None]) -> None:
         self.workers = workers  # worker -> its admin address, once it reported it
         self._server: asyncio.Server | None = None
+        self._detail = True  # problems in the workers' words: only on a loopback port
 
     async def start(self, address: Address) -> Address:
+        self._detail = address.is_loopback
+
         self._server = await asyncio.start_server(
             self._serve, address.host, address.port, limit=MAX_HEAD
         )
@@ -195,9 +201,11 @@ class PodAdmin:
                 (a.worker, a.body.decode("utf-8", "replace")) for a in answers if a.status == 200
             ]
             return 200, CONTENT_TYPE, merge_expositions(texts)
-        if path in ("/readyz", "/healthz"):
-            combine = combine_readiness if path == "/readyz" else combine_health
-            status, doc = combine(await self._gather(path))
+        if path == "/readyz":
+            status, doc = combine_readiness(await self._gather(path), detail=self._detail)
+            return status, "application/json", json.dumps(doc).encode()
+        if path == "/healthz":
+            status, doc = combine_health(await self._gather(path))
             return status, "application/json", json.dumps(doc).encode()
         return 404, "application/json", b'{"error": "not_found"}'
 

@@ -83,7 +83,7 @@ class Admission:
     def _log_fds(self, where: str) -> None:
         if self._due("fds"):
             log.error(
-                "file descriptor limit reached (EMFILE): new connections are refused",
+                "file descriptor limit reached (EMFILE)",
                 extra={
                     "fd_limit": self.fd_limit,
                     "reserve": self.fd_limit - self.fd_ceiling,

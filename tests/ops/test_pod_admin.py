@@ -53,6 +53,9 @@ def test_ready_only_when_every_worker_is() -> None:
     assert status == 503
     assert doc["problems"] == {"worker 1: route saas": "no token yet"}
     assert doc["workers"] == {"0": "ready", "1": "not ready"}
+    # Beyond loopback the pod's port says states, never the workers' texts.
+    _, doc = combine_readiness([WorkerAnswer("1", 503, no)], detail=False)
+    assert doc["problems"] == {"worker 1: route saas": "not ready"}
     status, doc = combine_readiness([WorkerAnswer("0", 200, ok), WorkerAnswer("1", None)])
     assert status == 503
     assert doc["workers"] == {"0": "ready", "1": "not answering"}

@@ -33,7 +33,7 @@ from sidecar.ops.audit import Exchange
 from sidecar.ops.metrics import UNMATCHED, Metrics
 from sidecar.ops.reload import ConfigWatcher
 from sidecar.proxy.admission import Admission
-from sidecar.proxy.listener import Listener, Reply, Request
+from sidecar.proxy.listener import AppGone, Listener, Reply, Request
 from sidecar.proxy.tunnel import open_tunnel
 from sidecar.proxy.upstream import Forwarder
 from sidecar.routing import Route, RoutingTable
@@ -308,6 +308,10 @@ class Sidecar:
         except ProxyError as error:
             exchange.status, exchange.error = error.status, error.code
             exchange.route = exchange.route or error.route
+            raise
+        except AppGone:
+            # nginx's 499: the app closed its connection first (a queued request is dropped)
+            exchange.status, exchange.error = reply.status or 499, "app_gone"
             raise
         except BaseException:
             exchange.status, exchange.error = reply.status or 500, "internal_error"

@@ -46,6 +46,10 @@ BODY_IDLE_TIMEOUT = 60.0  # seconds without a byte of a request body the data pa
 SWEEP_INTERVAL = 5.0
 
 
+class AppGone(ConnectionResetError):
+    """The app closed its connection: nothing more can be said to it, nothing is sent for it."""
+
+
 class Request:
     """One request from the app, as sent: method, raw target, headers in order, the body."""
 
@@ -170,7 +174,7 @@ class Request:
             if self._complete:
                 return None
             if self._conn.closed:
-                raise ConnectionResetError("the app closed the connection")
+                raise AppGone("the app closed the connection")
             self._waiter = asyncio.get_running_loop().create_future()
             self.waiting_since = time.monotonic()
             try:
@@ -361,7 +365,7 @@ class _Connection(asyncio.Protocol):
         for request in (self._parsing, *self._queue):
             if request is not None:
                 request._wake()
-        self._flow.fail(ConnectionResetError("the app closed the connection"))
+        self._flow.fail(AppGone("the app closed the connection"))
         if self._next is not None and not self._next.done():
             self._next.set_result(None)  # the serving task sees the connection closed and ends
 
@@ -384,7 +388,7 @@ class _Connection(asyncio.Protocol):
 
     async def drain(self) -> None:
         if self.closed:
-            raise ConnectionResetError("the app closed the connection")
+            raise AppGone("the app closed the connection")
         waiter = self._flow.waiter()
         if waiter is not None:
             await waiter

@@ -49,7 +49,7 @@ from sidecar.ops.audit import Exchange
 from sidecar.proxy.admission import Admission
 from sidecar.proxy.flow import Slots
 from sidecar.proxy.headers import forwarded, has_app_credentials, relayed_block
-from sidecar.proxy.listener import Reply, Request
+from sidecar.proxy.listener import AppGone, Reply, Request
 from sidecar.proxy.origin_client import (
     Origin,
     OriginError,
@@ -259,7 +259,7 @@ class Forwarder:
                 if request.app_gone:
                     # Nobody reads the answer: not sent (a POST retried by the app must not
                     # reach the API twice because this copy waited in the queue).
-                    raise ConnectionResetError("the app closed the connection")
+                    raise AppGone("the app closed the connection")
                 exchange.token = token.reference
                 credential = self._credentials.authorization(
                     token, request.method, htu_, up.nonce_key
@@ -333,7 +333,7 @@ class Forwarder:
         ):
             return timeouts
         if request.app_gone:
-            raise ConnectionResetError("the app closed the connection while queued")
+            raise AppGone("the app closed the connection while queued")
         if deadline is not None and deadline <= queue_end:
             raise UpstreamTimeout(
                 f"no connection to the upstream freed up within total_timeout "

@@ -20,7 +20,7 @@ from sidecar.config import Destination
 from sidecar.devstack.stack import SAAS_HOST, DevStack
 from sidecar.errors import UpstreamBusy, UpstreamTimeout
 from sidecar.proxy.flow import Slots
-from sidecar.proxy.listener import Request
+from sidecar.proxy.listener import AppGone, Request
 from sidecar.proxy.upstream import Forwarder
 from sidecar.runtime import Sidecar
 from tests.conftest import AppClient, running_sidecar
@@ -110,6 +110,8 @@ async def test_queued_requests_whose_app_left_are_never_sent_and_the_route_recov
         assert paths == ["/v1/invoices", "/wait", "/wait", "/v1/invoices/fresh"]
         assert slots.free == 2
         assert slots.waiting == 0
+        text = sidecar.metrics.exposition().decode()  # the dropped ones are counted as such
+        assert f'route="saas",status_class="4xx"}} {float(queued)}' in text
         await until(lambda: len(sidecar.listener.connections) <= 1, "app connections closed")
 
 
@@ -187,7 +189,7 @@ async def test_an_app_that_leaves_while_queued_ends_the_wait_at_once() -> None:
     await asyncio.sleep(0)
     assert slots.waiting == 1
     queued.gone().set_result(None)
-    with pytest.raises(ConnectionResetError):
+    with pytest.raises(AppGone):
         await wait
     assert slots.waiting == 0
     slots.give()

@@ -225,3 +225,14 @@ class _AdmissionCollector(Collector):
         for where, count in sorted(admission.fd_exhausted.items()):
             exhausted.add_metric([where], count)
         yield exhausted
+        queued = GaugeMetricFamily(
+            "sidecar_upstream_queued_requests",
+            "Requests waiting for one of a route's max_connections slots (queue_timeout).",
+            labels=["route"],
+        )
+        snapshot = sidecar.snapshot
+        if snapshot is not None:
+            for route in sorted(snapshot.routing.all_route_names):
+                slots = sidecar.forwarder.slots_of(route)
+                queued.add_metric([route], slots.waiting if slots is not None else 0)
+        yield queued

@@ -91,6 +91,8 @@ async def test_queued_requests_whose_app_left_are_never_sent_and_the_route_recov
             for n in range(queued)
         ]
         await until(lambda: slots.waiting == queued, "all queued")
+        text = sidecar.metrics.exposition().decode()
+        assert f'sidecar_upstream_queued_requests{{route="saas"}} {float(queued)}' in text
         for _, writer in waiting:
             await close(writer)
         # Each departed request leaves the queue at once (not when a slot frees up).

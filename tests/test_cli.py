@@ -322,3 +322,24 @@ async def test_a_worker_killed_by_a_signal_makes_the_group_exit_128_plus_signal(
     assert died[0]["signal"] == "SIGKILL"
     assert died[0]["exit_code"] == 137
     assert died[0]["pid"] == started["pids"][1]
+
+
+async def test_workers_exit_1_when_the_pod_admin_port_is_taken(
+    stack: DevStack, tmp_path: Path
+) -> None:
+    import socket
+
+    proxy_port, _ = free_ports(2)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        path = write_config(
+            stack,
+            tmp_path / "c.yaml",
+            listen=f"127.0.0.1:{proxy_port}",
+            admin=f"127.0.0.1:{taken.getsockname()[1]}",
+        )
+        code, _, err = await sidecar_cli("run", "--config", str(path), "--workers", "2")
+    assert code == 1
+    assert "another process using the admin port" in err
+    assert "workers started" not in err  # checked before any worker was started

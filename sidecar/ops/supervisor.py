@@ -46,19 +46,44 @@ async def _track(pod_admin: PodAdmin, name: str, reader: asyncio.StreamReader) -
 
 
 async def supervise(worker_command: Sequence[str], workers: int, admin: Address | None) -> int:
+    names = [str(n) for n in range(workers)]
+    pod_admin = PodAdmin(dict.fromkeys(names))
+    if admin is not None:
+        try:  # before any worker starts: a port in use is a clean exit 1, nothing to stop
+            bound = await pod_admin.start(admin)
+        except OSError as exc:
+            log.error(
+                "cannot start: is another process using the admin port?",
+                extra={"admin": str(admin), "error": str(exc)},
+            )
+            return 1
+        log.info("pod admin listening", extra={"admin": str(bound), "workers": workers})
+    try:
+        procs, reports = await _start_workers(worker_command, names, pod_admin)
+        try:
+            await _run(procs)
+        finally:
+            for report in reports:
+                report.cancel()
+            await asyncio.gather(*reports, return_exceptions=True)
+    finally:
+        await pod_admin.stop()
+    return max(_outcome(name, proc) for name, proc in zip(names, procs, strict=True))
+
+
+async def _start_workers(
+    command: Sequence[str], names: list[str], pod_admin: PodAdmin
+) -> tuple[list[asyncio.subprocess.Process], list[asyncio.Task[None]]]:
+    """Each worker with its admin endpoint on loopback port 0, reported on a pipe."""
     loop = asyncio.get_running_loop()
     env = {**os.environ, ENV_ADMIN: WORKER_ADMIN}
     procs: list[asyncio.subprocess.Process] = []
-    readers: list[asyncio.StreamReader] = []
-    for _ in range(workers):
+    reports: list[asyncio.Task[None]] = []
+    for name in names:
         read_fd, write_fd = os.pipe()
         try:
             proc = await asyncio.create_subprocess_exec(
-                *worker_command,
-                "--report-fd",
-                str(write_fd),
-                pass_fds=(write_fd,),
-                env=env,
+                *command, "--report-fd", str(write_fd), pass_fds=(write_fd,), env=env
             )
         finally:
             os.close(write_fd)
@@ -66,15 +91,14 @@ async def supervise(worker_command: Sequence[str], workers: int, admin: Address 
         protocol = asyncio.StreamReaderProtocol(reader)
         await loop.connect_read_pipe(lambda p=protocol: p, os.fdopen(read_fd, "rb"))  # type: ignore[misc]
         procs.append(proc)
-        readers.append(reader)
+        reports.append(asyncio.ensure_future(_track(pod_admin, name, reader)))
     log.info("workers started", extra={"workers": len(procs), "pids": [p.pid for p in procs]})
-    names = [str(n) for n in range(len(procs))]
-    pod_admin = PodAdmin(dict.fromkeys(names))
-    reports = [
-        asyncio.ensure_future(_track(pod_admin, name, reader))
-        for name, reader in zip(names, readers, strict=True)
-    ]
+    return procs, reports
 
+
+async def _run(procs: list[asyncio.subprocess.Process]) -> None:
+    """Forward signals; when the first worker exits, stop the others and wait for them."""
+    loop = asyncio.get_running_loop()
     stopping: set[int] = set()  # workers sent SIGTERM/SIGINT: a second one could kill them
 
     def forward(signum: int) -> None:
@@ -87,10 +111,7 @@ async def supervise(worker_command: Sequence[str], workers: int, admin: Address 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, forward, sig)
     try:
-        if admin is not None:
-            bound = await pod_admin.start(admin)
-            log.info("pod admin listening", extra={"admin": str(bound), "workers": len(procs)})
-        waits = {asyncio.ensure_future(p.wait()): p for p in procs}
+        waits = [asyncio.ensure_future(p.wait()) for p in procs]
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         for proc in procs:
             if proc.returncode is None and proc.pid not in stopping:
@@ -100,28 +121,25 @@ async def supervise(worker_command: Sequence[str], workers: int, admin: Address 
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
-        await pod_admin.stop()
-        for report in reports:
-            report.cancel()
-        await asyncio.gather(*reports, return_exceptions=True)
-    codes = []
-    for name, proc in zip(names, procs, strict=True):
-        assert proc.returncode is not None
-        code = exit_code(proc.returncode)
-        codes.append(code)
-        if proc.returncode < 0:
-            log.error(
-                "worker died by a signal",
-                extra={
-                    "worker": name,
-                    "pid": proc.pid,
-                    "signal": signal.Signals(-proc.returncode).name,
-                    "exit_code": code,
-                },
-            )
-        elif code != 0:
-            log.error("worker exited", extra={"worker": name, "pid": proc.pid, "exit_code": code})
-    return max(codes, default=0)
+
+
+def _outcome(name: str, proc: asyncio.subprocess.Process) -> int:
+    """The worker's exit code as a shell reports it, logged unless it is 0."""
+    assert proc.returncode is not None
+    code = exit_code(proc.returncode)
+    if proc.returncode < 0:
+        log.error(
+            "worker died by a signal",
+            extra={
+                "worker": name,
+                "pid": proc.pid,
+                "signal": signal.Signals(-proc.returncode).name,
+                "exit_code": code,
+            },
+        )
+    elif code != 0:
+        log.error("worker exited", extra={"worker": name, "pid": proc.pid, "exit_code": code})
+    return code
 
 
 def worker_command(config_path: str | None, grace: float) -> list[str]:

@@ -31,7 +31,7 @@ from sidecar.ops import logs as logs_module
 from sidecar.ops.admin import Admin
 from sidecar.ops.audit import Exchange
 from sidecar.ops.metrics import UNMATCHED, Metrics
-from sidecar.ops.reload import ConfigWatcher
+from sidecar.ops.reload import ConfigWatcher, Fingerprint, fingerprint
 from sidecar.proxy.admission import Admission
 from sidecar.proxy.listener import AppGone, Listener, Reply, Request
 from sidecar.proxy.tunnel import open_tunnel
@@ -200,6 +200,9 @@ class Sidecar:
             return False
         async with self._reload_lock:
             try:
+                # The file as it is before it is read: a watcher (re)started by this reload
+                # then notices any change made while it was loaded.
+                seen = await asyncio.to_thread(fingerprint, source)
                 config = await asyncio.to_thread(load_config, source)
                 snapshot = await asyncio.to_thread(build_snapshot, config)
             except ConfigError as exc:
@@ -218,10 +221,10 @@ class Sidecar:
                     extra={"source": str(source), "error": f"{type(exc).__name__}: {exc}"},
                 )
                 return False
-            self._apply(snapshot)
+            self._apply(snapshot, seen)
             return True
 
-    def _apply(self, snapshot: Snapshot) -> None:
+    def _apply(self, snapshot: Snapshot, seen: Fingerprint = None) -> None:
         old = self.config
         new = snapshot.config
         for key in ("listen", "admin", "spiffe_socket"):
@@ -240,14 +243,14 @@ class Sidecar:
         # prepared upstreams, token keys holding old routes, idle connections of old contexts.
         self.forwarder.config_applied(snapshot.tls.contexts(), snapshot.routing.all_route_names)
         self.credentials.config_applied()
-        self._apply_settings(old, new)
+        self._apply_settings(old, new, seen)
         log.info(
             "config reloaded",
             extra={"source": str(new.source), "routes": len(new.destinations)},
         )
         self._background.spawn(self._notify_changed(), name="config changed")
 
-    def _apply_settings(self, old: Config, new: Config) -> None:
+    def _apply_settings(self, old: Config, new: Config, seen: Fingerprint) -> None:
         """The settings a reload applies in place (``listen`` & co. need a restart)."""
         logs_module.set_level(new.log_level)
         if new.log_format != old.log_format:
@@ -260,14 +263,7 @@ class Sidecar:
             watcher[1].cancel()
             self._watcher = None
         if new.watch and self._watcher is None and new.source is not None:
-            self._background.spawn(self._watch_from_now(new), name="config watcher start")
-
-    async def _watch_from_now(self, config: Config) -> None:
-        assert config.source is not None
-        replacement = ConfigWatcher(config.source, config.watch_interval, self.reload)
-        await replacement.baseline()  # this file is the one just applied
-        if self._watcher is None and not self.stopping:
-            self._watch(replacement)
+            self._watch(ConfigWatcher(new.source, new.watch_interval, self.reload, baseline=seen))
 
     def _watch(self, watcher: ConfigWatcher) -> None:
         self._watcher = (watcher, self._background.spawn(watcher.run(), name="config watcher"))
@@ -309,12 +305,13 @@ class Sidecar:
             exchange.status, exchange.error = error.status, error.code
             exchange.route = exchange.route or error.route
             raise
-        except AppGone:
-            # nginx's 499: the app closed its connection first (a queued request is dropped)
-            exchange.status, exchange.error = reply.status or 499, "app_gone"
-            raise
-        except BaseException:
-            exchange.status, exchange.error = reply.status or 500, "internal_error"
+        except BaseException as exc:
+            if isinstance(exc, AppGone) or request.app_gone:
+                # nginx's 499: the app closed its connection first (its request was dropped
+                # before it was sent, or given up while the upstream had not answered)
+                exchange.status, exchange.error = reply.status or 499, "app_gone"
+            else:
+                exchange.status, exchange.error = reply.status or 500, "internal_error"
             raise
         finally:
             self._record(exchange, snapshot)

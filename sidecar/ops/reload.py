@@ -30,11 +30,18 @@ def fingerprint(path: Path) -> Fingerprint:
 
 
 class ConfigWatcher:
-    def __init__(self, path: Path, interval: float, reload: Callable[[], Awaitable[bool]]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        interval: float,
+        reload: Callable[[], Awaitable[bool]],
+        *,
+        baseline: Fingerprint = None,
+    ) -> None:
         self.path = path
         self.interval = interval
         self._reload = reload
-        self._last: Fingerprint = None
+        self._last: Fingerprint = baseline  # or from baseline()
 
     async def baseline(self) -> None:
         """Remember the file as it is now; later changes trigger a reload."""

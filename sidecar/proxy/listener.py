@@ -368,6 +368,12 @@ class _Connection(asyncio.Protocol):
         self._flow.fail(AppGone("the app closed the connection"))
         if self._next is not None and not self._next.done():
             self._next.set_result(None)  # the serving task sees the connection closed and ends
+        elif self.busy and self._sink is None and self._task is not None:
+            # Nobody will read the answer: stop waiting for it. A request still queued or
+            # waiting for a token is never sent; one waiting on the upstream gives its
+            # connection slot back now, not after read_timeout (a stalled upstream's slots
+            # would otherwise stay taken by requests nobody waits for). Tunnels end by themselves.
+            self._task.cancel()
 
     def gone(self) -> asyncio.Future[None]:
         if self._gone is None:

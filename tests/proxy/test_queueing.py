@@ -220,3 +220,24 @@ async def test_connections_beyond_the_cap_are_closed_and_counted(stack: DevStack
             await close(w)
         await until(lambda: len(sidecar.listener.connections) == 0, "held ones closed")
         assert (await app.request("GET", URL))[0] == 200  # below the cap again: served
+
+
+async def test_requests_stalled_upstream_give_their_slots_back_when_their_app_leaves(
+    stack: DevStack,
+) -> None:
+    """A stalled upstream's slots are not held for read_timeout by requests nobody waits for:
+    the route serves again as soon as the upstream does."""
+    async with (
+        running_sidecar(stack, destination={"max_connections": 2, "read_timeout": 600}) as sc,
+        AppClient(sc) as app,
+    ):
+        assert (await app.request("GET", URL))[0] == 200
+        stalled = [await open_request(sc, raw_request("GET", WAIT)) for _ in range(2)]
+        slots = saas_slots(sc)
+        await until(lambda: slots.free == 0, "both slots taken by the stalled requests")
+        for _, writer in stalled:
+            await close(writer)
+        await until(lambda: slots.free == 2, "the slots came back")
+        assert (await app.request("GET", f"{URL}/3"))[0] == 200  # the upstream is not waited out
+        text = sc.metrics.exposition().decode()
+        assert 'route="saas",status_class="4xx"} 2.0' in text  # recorded as 499 app_gone

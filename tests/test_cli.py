@@ -270,7 +270,7 @@ async def test_workers_answer_on_one_admin_port_for_all(stack: DevStack, tmp_pat
         tokens={"prefetch": True},  # each worker fetches its token at start: both get ready
     )
     async with running_process(path, "--workers", "2", listening=2) as (proc, _):
-        for _ in range(300):  # bounded: until both workers hold their token
+        for _ in range(600):  # bounded: until both workers hold their token
             status, body = await admin_get(admin_port, "/readyz")
             if status == 200:
                 break

@@ -17,8 +17,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import aiohttp
-
 from sidecar.config import Address, AuthorizationServer, Config
 from sidecar.config import load as load_config
 from sidecar.credentials.broker import Credentials
@@ -34,6 +32,7 @@ from sidecar.ops.metrics import UNMATCHED, Metrics
 from sidecar.ops.reload import ConfigWatcher, Fingerprint, fingerprint
 from sidecar.proxy.admission import Admission
 from sidecar.proxy.listener import AppGone, Listener, Reply, Request
+from sidecar.proxy.origin_client import UrlClient
 from sidecar.proxy.tunnel import open_tunnel
 from sidecar.proxy.upstream import Forwarder
 from sidecar.routing import Route, RoutingTable
@@ -103,11 +102,11 @@ class Sidecar:
             "config loaded",
             extra={"source": str(config.source), "routes": len(config.destinations)},
         )
-        self._as_session = aiohttp.ClientSession(
-            trust_env=False, cookie_jar=aiohttp.DummyCookieJar()
-        )
+        # Authorization servers are named by the operator's config, not by the app: they are
+        # dialled wherever their names resolve, loopback included (node-local IdPs, tests).
+        # The SSRF guard is for the upstreams an app's request picks (see proxy/upstream.py).
         self.token_client = TokenClient(
-            self._as_session,
+            UrlClient(allow_private=True),
             self.identity,
             self.dpop_key,
             self.nonces,
@@ -132,7 +131,7 @@ class Sidecar:
         self.metrics.bind(self)
         listener = self.listener
         self.metrics.in_flight.set_function(lambda: listener.in_flight)  # read at scrape time
-        self.admin = Admin(self)
+        self.admin = Admin(self.readiness, self.metrics.exposition)
         if config.admin is not None:
             self.admin_address = await self.admin.start(config.admin, reuse_port=self._reuse_port)
         servers = list(config.authorization_servers.values())
@@ -160,7 +159,7 @@ class Sidecar:
         await self.listener.stop(self.grace)
         await self._background.close()
         await self.forwarder.close()
-        await self._as_session.close()
+        await self.token_client.close()
         await self.identity.close()
         await self.admin.stop()
         log.info("stopped")

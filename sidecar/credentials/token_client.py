@@ -1,9 +1,10 @@
 """Token client: ask an authorization server for an access token.
 
 The protocol is pure functions (:func:`token_form`, :func:`parse_token_response`,
-:func:`discovery_urls`); :class:`TokenClient` is the I/O edge (aiohttp). aiohttp errors are
-converted here into :class:`TokenUnavailable` (503, retry later) or :class:`TokenRejected`
-(502, the AS said no or said something unsafe).
+:func:`discovery_urls`); :class:`TokenClient` is the I/O edge, on the project's own HTTP/1.1
+client (a :class:`Transport`: the runtime passes :mod:`sidecar.proxy.origin_client`'s). Its
+errors are converted here into :class:`TokenUnavailable` (503, retry later) or
+:class:`TokenRejected` (502, the AS said no or said something unsafe).
 
 Grants: client_credentials (RFC 6749 §4.4), token exchange (RFC 8693) with the JWT-SVID as
 subject token, JWT bearer (RFC 7523 §2.1) with the JWT-SVID as assertion. Client auth:
@@ -25,10 +26,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import quote, urlsplit
+from typing import Any, Literal, Protocol
+from urllib.parse import quote, urlencode, urlsplit
 
-import aiohttp
 import jwt
 
 from sidecar.config import AuthorizationServer
@@ -243,22 +243,52 @@ class _Metadata:
     fetched_at: float
 
 
+class Transport(Protocol):
+    """How the token client speaks HTTP: one request, one small answer. The runtime passes the
+    origin client's :class:`~sidecar.proxy.origin_client.UrlClient` (the product has one HTTP
+    stack, and credentials do not import the proxy room); failures are ``TimeoutError`` or
+    ``OSError`` (``ConnectionError``), with a message that is safe to show."""
+
+    async def exchange(
+        self,
+        method: str,
+        url: str,
+        headers: list[tuple[str, str]],
+        body: bytes | None,
+        context: ssl.SSLContext,
+        *,
+        timeout: float,
+        limit: int,
+    ) -> tuple[int, bytes, str | None]:
+        """(status, at most ``limit`` bytes of the body, DPoP-Nonce); redirects not followed;
+        connections kept alive per (origin, TLS context)."""
+        ...
+
+    def drop(self, context: ssl.SSLContext) -> None:
+        """Close the idle connections made with ``context`` (a superseded certificate)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
 class TokenClient:
+    """The I/O edge: discovery and token requests through a :class:`Transport`."""
+
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        transport: Transport,
         identity: WorkloadIdentity,
         dpop_key: DpopKey,
         nonces: NonceStore,
         *,
-        ssl_for: Callable[[AuthorizationServer], Any],
+        ssl_for: Callable[[AuthorizationServer], ssl.SSLContext],
         clock: Callable[[], float] = time.monotonic,
         observe: Callable[[str, str], None] | None = None,
     ) -> None:
         self._observe = observe or (lambda server, outcome: None)
         self.issued_by: set[str] = set()  # servers that issued at least one token
         self.last_error: dict[str, str] = {}  # server -> why its last request failed
-        self._session = session
+        self._transport = transport
         self._identity = identity
         self._dpop_key = dpop_key
         self._nonces = nonces
@@ -267,6 +297,9 @@ class TokenClient:
         self._metadata: dict[str, _Metadata] = {}
         self._secrets: dict[Path, tuple[tuple[int, int, int], Secret]] = {}
         self._mtls: dict[tuple[Path | None, str], ssl.SSLContext] = {}
+
+    async def close(self) -> None:
+        await self._transport.close()
 
     async def fetch(self, server: AuthorizationServer, key: TokenKey, route: str) -> AccessToken:
         """One token from ``server``; the outcome is counted and remembered for readiness."""
@@ -287,22 +320,28 @@ class TokenClient:
         svid = (
             await self._identity.jwt_svid(server.jwt_svid_audience) if needs_svid(server) else None
         )
-        form = token_form(server, key, svid)
+        # RFC 6749 §4.4.2 / Appendix B: application/x-www-form-urlencoded, repeated parameters
+        # (RFC 8693 resource/audience) as repeated pairs.
+        body = urlencode(token_form(server, key, svid), doseq=True).encode("ascii")
         dpop = key.jkt is not None
         origin = _origin(endpoint)
-        base_headers = {"Accept": "application/json"}
+        base_headers = [
+            ("Accept", "application/json"),
+            ("Content-Type", "application/x-www-form-urlencoded"),
+        ]
         if server.client_auth == "client_secret":
             secret = await self._client_secret(server, route)
-            base_headers["Authorization"] = basic_credentials(key.client_id, secret.reveal())
+            base_headers.append(
+                ("Authorization", basic_credentials(key.client_id, secret.reveal()))
+            )
         ssl_context = await self._ssl(server)
         for attempt in (1, 2):
-            headers = dict(base_headers)
+            headers = list(base_headers)
             if dpop:
-                headers["DPoP"] = self._dpop_key.proof(
-                    "POST", endpoint, nonce=self._nonces.get(origin)
-                )
-            status, body, nonce = await self._post(
-                server, endpoint, form, headers, route, ssl_context
+                proof = self._dpop_key.proof("POST", endpoint, nonce=self._nonces.get(origin))
+                headers.append(("DPoP", proof))
+            status, answer, nonce = await self._post(
+                server, endpoint, body, headers, route, ssl_context
             )
             self._nonces.update(origin, nonce)
             # RFC 9449 §8: the AS wants a nonce; retry once with a fresh proof carrying it.
@@ -311,12 +350,12 @@ class TokenClient:
                 and dpop
                 and status == 400
                 and nonce
-                and _error_code(body) == "use_dpop_nonce"
+                and _error_code(answer) == "use_dpop_nonce"
             ):
                 self._observe(server.name, "nonce_retry")
                 continue
             break
-        token = parse_token_response(status, body, dpop=dpop, route=route, now=self._clock())
+        token = parse_token_response(status, answer, dpop=dpop, route=route, now=self._clock())
         audit.info(
             "token issued",
             extra={
@@ -337,25 +376,24 @@ class TokenClient:
         self,
         server: AuthorizationServer,
         url: str,
-        form: Mapping[str, Any],
-        headers: Mapping[str, str],
+        body: bytes,
+        headers: list[tuple[str, str]],
         route: str,
-        ssl_context: Any,
+        ssl_context: ssl.SSLContext,
     ) -> tuple[int, bytes, str | None]:
         try:
-            async with self._session.post(
+            return await self._transport.exchange(
+                "POST",
                 url,
-                data=form,
-                headers=headers,
-                ssl=ssl_context,
-                allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=server.timeout),
-            ) as resp:
-                body = await resp.content.read(MAX_RESPONSE_BYTES)
-                return resp.status, body, resp.headers.get("DPoP-Nonce")
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                headers,
+                body,
+                ssl_context,
+                timeout=server.timeout,
+                limit=MAX_RESPONSE_BYTES,
+            )
+        except (TimeoutError, OSError) as exc:
             raise TokenUnavailable(
-                f"cannot reach the authorization server {server.name!r} ({type(exc).__name__})",
+                f"cannot reach the authorization server {server.name!r} ({exc})",
                 route=route,
                 upstream_error=type(exc).__name__,
             ) from exc
@@ -366,11 +404,11 @@ class TokenClient:
         self.issued_by.discard(server)
         self.last_error.pop(server, None)
 
-    async def _ssl(self, server: AuthorizationServer) -> Any:
+    async def _ssl(self, server: AuthorizationServer) -> ssl.SSLContext:
         """The AS's TLS context; for ``mtls``, one that presents the current X.509-SVID.
 
-        A new SVID means a new context, and aiohttp pools connections per context: no
-        pooled connection presenting the old certificate is reused.
+        A new SVID means a new context, and the pool is keyed by context: no pooled
+        connection presenting the old certificate is reused, and the idle ones are closed.
         """
         if server.client_auth != "mtls":
             return self._ssl_for(server)
@@ -379,7 +417,10 @@ class TokenClient:
         context = self._mtls.get(cache_key)
         if context is None:
             context = await asyncio.to_thread(svid.client_context, server.ca_file)
-            self._mtls = {k: v for k, v in self._mtls.items() if k[1] == svid.fingerprint}
+            for old_key, old in list(self._mtls.items()):
+                if old_key[1] != svid.fingerprint:
+                    del self._mtls[old_key]
+                    self._transport.drop(old)
             self._mtls[cache_key] = context
         return context
 
@@ -430,18 +471,20 @@ class TokenClient:
 
     async def _discover(self, server: AuthorizationServer, url: str, route: str) -> str:
         try:
-            async with self._session.get(
+            status, body, _ = await self._transport.exchange(
+                "GET",
                 url,
-                ssl=self._ssl_for(server),
-                allow_redirects=False,
-                timeout=aiohttp.ClientTimeout(total=server.timeout),
-            ) as resp:
-                status, body = resp.status, await resp.content.read(MAX_RESPONSE_BYTES)
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                [("Accept", "application/json")],
+                None,
+                self._ssl_for(server),
+                timeout=server.timeout,
+                limit=MAX_RESPONSE_BYTES,
+            )
+        except (TimeoutError, OSError) as exc:
             raise TokenUnavailable(
-                f"cannot reach the authorization server {server.name!r} for discovery "
-                f"({type(exc).__name__})",
+                f"cannot reach the authorization server {server.name!r} for discovery ({exc})",
                 route=route,
+                upstream_error=type(exc).__name__,
             ) from exc
         if status >= 500:
             raise TokenUnavailable(f"discovery failed with HTTP {status}", route=route)

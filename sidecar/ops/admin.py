@@ -1,53 +1,68 @@
-"""Admin listener: liveness, readiness and Prometheus metrics (loopback by default)."""
+"""Admin listener: liveness, readiness and Prometheus metrics (loopback by default).
+
+Served by the data path's own listener (:class:`~sidecar.proxy.listener.Listener`: llhttp,
+bounded heads, head and idle timeouts, at most 16 pipelined requests), so ``sidecar run``
+carries one HTTP stack. Three paths, GET only (405 with ``Allow: GET`` otherwise), JSON answers
+as before; the query string is ignored; a request body is never read (the connection is then
+closed rather than kept alive).
+
+The admin port knows nothing of the runtime: it is given two callables, so ops does not import
+the room above it.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from aiohttp import web
+import json
+from collections.abc import Callable
 
 from sidecar.config import Address
 from sidecar.ops.metrics import CONTENT_TYPE
+from sidecar.proxy.listener import Listener, Reply, Request
 
-if TYPE_CHECKING:
-    from sidecar.runtime import Sidecar
+MAX_HEAD_BYTES = 8 * 1024  # a probe's or a scraper's request head is a few hundred bytes
+JSON = "application/json; charset=utf-8"
+PATHS = ("/healthz", "/readyz", "/metrics")
+
+Readiness = Callable[[], tuple[bool, dict[str, str]]]
 
 
 class Admin:
-    def __init__(self, sidecar: Sidecar) -> None:
-        self._sidecar = sidecar
-        app = web.Application()
-        app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/readyz", self.readyz)
-        app.router.add_get("/metrics", self.metrics)
-        self._runner = web.AppRunner(app, access_log=None)
+    def __init__(self, readiness: Readiness, exposition: Callable[[], bytes]) -> None:
+        self._readiness = readiness
+        self._exposition = exposition
+        self._listener = Listener(self.handle, max_header_bytes=MAX_HEAD_BYTES)
         self._started = False
 
     async def start(self, address: Address, *, reuse_port: bool = False) -> Address:
-        await self._runner.setup()
         self._started = True
-        site = web.TCPSite(self._runner, address.host, address.port, reuse_port=reuse_port or None)
-        await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None)
-        assert sockets
-        host, port = sockets[0].getsockname()[:2]
-        return Address(host, port)
+        return await self._listener.start(address, reuse_port=reuse_port)
 
     async def stop(self) -> None:
         if self._started:
-            await self._runner.cleanup()
+            await self._listener.stop(grace=1.0)  # answers take microseconds
 
-    async def healthz(self, request: web.Request) -> web.Response:
-        # Answering at all proves the event loop is responsive; a blocked loop times the
-        # probe out, which is what liveness should catch.
-        return web.json_response({"status": "ok"})
+    async def handle(self, request: Request, reply: Reply) -> None:
+        path = request.target.partition("?")[0]
+        if path not in PATHS:
+            _send_json(reply, 404, {"error": "not_found", "paths": list(PATHS)})
+        elif request.method != "GET":
+            _send_json(reply, 405, {"error": "method_not_allowed"}, [("Allow", "GET")])
+        elif path == "/healthz":
+            # Answering at all proves the event loop is responsive; a blocked loop times the
+            # probe out, which is what liveness should catch.
+            _send_json(reply, 200, {"status": "ok"})
+        elif path == "/readyz":
+            ready, problems = self._readiness()
+            _send_json(reply, 200 if ready else 503, {"ready": ready, "problems": problems})
+        else:
+            body = self._exposition()
+            headers = [("Content-Type", CONTENT_TYPE), ("Content-Length", str(len(body)))]
+            reply.send(200, None, headers, body)
 
-    async def metrics(self, request: web.Request) -> web.Response:
-        body = self._sidecar.metrics.exposition()
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
-    async def readyz(self, request: web.Request) -> web.Response:
-        ready, problems = self._sidecar.readiness()
-        body = {"ready": ready, "problems": problems}
-        return web.json_response(body, status=200 if ready else 503)
+def _send_json(
+    reply: Reply, status: int, doc: object, extra: list[tuple[str, str]] | None = None
+) -> None:
+    body = json.dumps(doc).encode()
+    headers = [("Content-Type", JSON), ("Content-Length", str(len(body))), *(extra or [])]
+    reply.send(status, None, headers, body)

@@ -2,7 +2,7 @@
 connections (asyncio protocols, responses parsed by llhttp through ``httptools``).
 
 Why not aiohttp's client: measured with ``bench/``, it was most of the sidecar's CPU per
-request. aiohttp stays where a request per token lifetime costs nothing (the token client).
+request. The token client uses it too (:class:`UrlClient`): the product has one HTTP stack.
 
 What it does, and no more: resolve (refusing loopback/link-local addresses unless the route
 allows them), connect with a timeout, TLS with the route's context and SNI, write one request
@@ -23,12 +23,14 @@ Errors are :class:`OriginError` subclasses; the forwarder turns them into the ap
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import socket
 import ssl
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import httptools
 
@@ -131,7 +133,7 @@ class Response:
         parts = [chunk async for chunk in self.chunks()]
         return b"".join(parts)
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
         conn = self._conn
         while True:
             chunk = await conn.next_chunk()
@@ -493,6 +495,13 @@ class Pool:
         """Open connections, idle or in use."""
         return len(self._all)
 
+    def drop(self, context: ssl.SSLContext) -> None:
+        """Close the idle connections made with ``context`` and forget their origins (a
+        superseded client certificate: nothing may present it again)."""
+        for origin in [o for o in self._idle if o.ssl is context]:
+            for conn in self._idle.pop(origin):
+                conn.close()
+
     async def close(self) -> None:
         for conn in list(self._all):
             conn.close()
@@ -588,6 +597,76 @@ class Pool:
                 raise OriginUnreachable(f"cannot connect to the origin ({type(last).__name__})")
         except TimeoutError as exc:
             raise OriginTimeout("connecting to the origin took too long") from exc
+
+
+class UrlClient:
+    """A small piece of the origin client for requests the sidecar makes for itself (the token
+    client's discovery and token POSTs): a URL in, a small answer out, over a pool of its own.
+
+    The SSRF policy is the caller's to state (``allow_private``). Nothing is followed (a 3xx is
+    a status), at most ``limit`` body bytes are read (the rest closes the connection instead of
+    pooling it), ``timeout`` bounds the whole exchange. Failures are raised as the builtin
+    ``TimeoutError`` / ``ConnectionError``, so callers outside the proxy room need none of its
+    types. No ``Accept-Encoding`` is sent: answers arrive uncompressed.
+    """
+
+    def __init__(self, *, allow_private: bool, max_idle: int = 4) -> None:
+        self._pool = Pool(max_idle=max_idle)
+        self._allow_private = allow_private
+
+    async def exchange(
+        self,
+        method: str,
+        url: str,
+        headers: list[tuple[str, str]],
+        body: bytes | None,
+        context: ssl.SSLContext,
+        *,
+        timeout: float,
+        limit: int,
+    ) -> tuple[int, bytes, str | None]:
+        """(status, at most ``limit`` bytes of the body, the DPoP-Nonce header) for one
+        request to an ``https://`` URL."""
+        parts = urlsplit(url)
+        origin = Origin(parts.hostname or "", parts.port or 443, context, self._allow_private)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        deadline = asyncio.get_running_loop().time() + timeout
+        pairs = [("Host", parts.netloc), *headers]
+        try:
+            response = await self._pool.request(
+                origin, method, target, pairs, body, None, Timeouts(timeout, timeout, deadline)
+            )
+            try:
+                answer = await _read_capped(response, limit)
+            finally:
+                response.release()
+        except OriginTimeout as exc:
+            raise TimeoutError(str(exc)) from exc
+        except OriginError as exc:
+            raise ConnectionError(str(exc)) from exc
+        nonce = response.get(b"dpop-nonce")
+        return response.status, answer, None if nonce is None else nonce.decode("latin-1")
+
+    def drop(self, context: ssl.SSLContext) -> None:
+        self._pool.drop(context)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+
+async def _read_capped(response: Response, limit: int) -> bytes:
+    length = response.content_length
+    if length is not None and length <= limit:
+        return await response.read()
+    parts: list[bytes] = []
+    size = 0
+    async with contextlib.aclosing(response.chunks()) as chunks:
+        async for chunk in chunks:
+            parts.append(chunk)
+            size += len(chunk)
+            if size >= limit:
+                break
+    return b"".join(parts)[:limit]
 
 
 async def resolve(host: str, port: int, allow_private: bool) -> list[str]:

@@ -120,7 +120,7 @@ class Sidecar:
         )
         self.admission = Admission(config.max_app_connections)
         self.forwarder = Forwarder(
-            self.credentials,
+            self.credentials.kind,
             ssl_for=self._route_ssl,
             replay_limit=config.replay_buffer_bytes,
             admission=self.admission,

@@ -1,16 +1,20 @@
-"""The credential broker: what the data path asks for a request's Authorization.
+"""The credential broker: each route's kind of credential, and the tokens behind the OAuth ones.
 
-identity -> token cache -> token client -> dpop, behind two calls: :meth:`Credentials.token`
-(cached, refreshed ahead, single-flight) and :meth:`Credentials.headers` (a fresh proof per
-request).
+identity -> token cache -> token client, behind :meth:`Credentials.cached` (a usable cached
+token, no await) and :meth:`Credentials.lookup` (cached, refreshed ahead, single flight).
+:meth:`Credentials.kind` gives the forwarder a route's :class:`~sidecar.credentials.kind.Credential`
+(:mod:`sidecar.credentials.kinds`), the only thing it holds.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable
+from typing import Any
 
 from sidecar.credentials.dpop import DpopKey, NonceStore
 from sidecar.credentials.identity import WorkloadIdentity
+from sidecar.credentials.kind import Credential
+from sidecar.credentials.kinds.oauth import BearerToken, DpopToken
 from sidecar.credentials.token_cache import Fetch, TokenCache
 from sidecar.credentials.token_client import AccessToken, TokenClient, TokenKey
 from sidecar.routing import Route
@@ -30,6 +34,10 @@ class Credentials:
         self.cache = cache
         self.dpop_key = dpop_key
         self.nonces = nonces
+        self._kinds: dict[str, Credential[Any]] = {
+            "dpop": DpopToken(self, dpop_key, nonces),
+            "bearer": BearerToken(self),
+        }
         # (route, scopes, identity) -> (route, key, fetch); the route object itself is kept
         # and compared, so a reloaded config (new Route objects) can never be served a key
         # built for the old one.
@@ -48,9 +56,19 @@ class Credentials:
     def key_count(self) -> int:
         return len(self._keys)
 
+    def kind(self, route: Route) -> Credential[Any]:
+        """The kind of credential ``route`` attaches (config validated the name)."""
+        return self._kinds[route.destination.token_type]
+
     def _key(
-        self, route: Route, scopes: tuple[str, ...], spiffe_id: str, x509: str | None
+        self,
+        route: Route,
+        scopes: tuple[str, ...],
+        jkt: str | None,
+        spiffe_id: str,
+        x509: str | None,
     ) -> tuple[TokenKey, Fetch]:
+        # jkt is not in it: a route's kind, hence its jkt, is fixed for the Route object.
         cache_key = (id(route), scopes, spiffe_id, x509)
         cached = self._keys.get(cache_key)
         if cached is not None and cached[0] is route:
@@ -64,7 +82,7 @@ class Credentials:
             resource=dest.resource,
             audience=dest.audience,
             scopes=tuple(sorted(set(scopes))),  # one token per scope *set*
-            jkt=self.dpop_key.thumbprint if dest.token_type == "dpop" else None,
+            jkt=jkt,  # the DPoP key a token is bound to (RFC 9449 §6): part of what shapes it
             x509=x509,
         )
         client = self.client
@@ -97,37 +115,34 @@ class Credentials:
         # First request before any SVID was seen: learn our SPIFFE ID.
         return (await self.identity.jwt_svid(server.jwt_svid_audience)).spiffe_id, None
 
-    def cached(self, route: Route, scopes: tuple[str, ...]) -> tuple[TokenKey, AccessToken] | None:
+    def cached(
+        self, route: Route, scopes: tuple[str, ...], jkt: str | None
+    ) -> tuple[TokenKey, AccessToken] | None:
         """The token for a request when the cache has a usable one now (no await), else None:
         then :meth:`lookup`. The data path's usual case."""
         identity = self._identity_now(route)
         if identity is None:
             return None
-        key, fetch = self._key(route, scopes, *identity)
+        key, fetch = self._key(route, scopes, jkt, *identity)
         token = self.cache.fresh(key, fetch)
         return None if token is None else (key, token)
 
     async def token(self, route: Route, scopes: tuple[str, ...]) -> tuple[TokenKey, AccessToken]:
-        key, token, _ = await self.lookup(route, scopes)
+        """The token ``route``'s kind would attach (prefetch, ``explain --fetch``)."""
+        key, token, _ = await self.lookup(route, scopes, self._jkt(route))
         return key, token
 
     async def lookup(
-        self, route: Route, scopes: tuple[str, ...]
+        self, route: Route, scopes: tuple[str, ...], jkt: str | None
     ) -> tuple[TokenKey, AccessToken, bool]:
         """The token for a request, and whether the cache had it."""
-        key, fetch = self._key(route, scopes, *await self._identity(route))
+        key, fetch = self._key(route, scopes, jkt, *await self._identity(route))
         token, hit = await self.cache.lookup(key, fetch)
         return key, token, hit
 
     def evict(self, key: TokenKey, token: AccessToken) -> None:
         self.cache.evict(key, token)
 
-    def authorization(self, token: AccessToken, method: str, htu: str, origin: str) -> str:
-        """``Authorization`` (and ``DPoP``, RFC 9449 §7.1) header lines for one request to
-        ``htu``, each ending in CRLF. The token's characters were checked when it was issued
-        (visible ASCII only), a proof is base64url: neither can split a header."""
-        value = token.value.reveal()
-        if token.token_type == "Bearer":
-            return f"Authorization: Bearer {value}\r\n"
-        proof = self.dpop_key.proof(method, htu, ath=token.ath, nonce=self.nonces.get(origin))
-        return f"Authorization: DPoP {value}\r\nDPoP: {proof}\r\n"
+    def _jkt(self, route: Route) -> str | None:
+        kind = self.kind(route)
+        return kind.jkt if isinstance(kind, BearerToken) else None

@@ -28,24 +28,38 @@ HOP_BY_HOP = frozenset(
         "proxy-authenticate",
     }
 )
-APP_CREDENTIALS = frozenset({"authorization", "dpop"})
+APP_CREDENTIALS = frozenset({"authorization", "dpop"})  # what the OAuth kinds set themselves
 
-_REQUEST_DROP = HOP_BY_HOP | APP_CREDENTIALS | {"host", "content-length", "expect"}
+_FORWARDER_OWN = frozenset({"host", "content-length", "expect"})
 # Host is ours to set; Content-Length is the forwarder's; Expect: the sidecar has the body.
+
+
+def request_drop(credential_headers: frozenset[str]) -> frozenset[str]:
+    """The app's header names never forwarded on a route whose kind of credential sets
+    ``credential_headers`` (lower-case): computed once per route, not per request."""
+    return HOP_BY_HOP | _FORWARDER_OWN | credential_headers
+
+
+_REQUEST_DROP = request_drop(APP_CREDENTIALS)
 _RESPONSE_DROP = frozenset(name.encode() for name in HOP_BY_HOP)
 
 
-def has_app_credentials(headers: Iterable[tuple[str, str]]) -> bool:
-    return any(name.lower() in APP_CREDENTIALS for name, _ in headers)
+def has_app_credentials(
+    headers: Iterable[tuple[str, str]], names: frozenset[str] = APP_CREDENTIALS
+) -> bool:
+    return any(name.lower() in names for name, _ in headers)
 
 
-def forwarded(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The app's headers to send upstream (before Host, Content-Length and credentials)."""
+def forwarded(
+    headers: Iterable[tuple[str, str]], drop: frozenset[str] = _REQUEST_DROP
+) -> list[tuple[str, str]]:
+    """The app's headers to send upstream (before Host, Content-Length and credentials);
+    ``drop``: from :func:`request_drop` for the route's kind of credential."""
     kept: list[tuple[str, str]] = []
     listed: set[str] | None = None  # names the Connection header lists (rare): hop-by-hop too
     for name, value in headers:
         lower = name.lower()
-        if lower in _REQUEST_DROP or lower.startswith("proxy-"):
+        if lower in drop or lower.startswith("proxy-"):
             if lower == "connection":
                 listed = listed or set()
                 listed.update(t.strip().lower() for t in value.split(","))

@@ -2,12 +2,14 @@
 the answer back. This is the data path's policy; the bytes go through
 :mod:`sidecar.proxy.origin_client` (a lean HTTP/1.1 client: aiohttp's was most of our CPU).
 
-One request, at most two attempts (RFC 9449 §9 nonce, or a rejected token), never a loop:
-  1. Authorization + a fresh DPoP proof for the URL actually sent;
-  2. if the upstream answers 401 with ``DPoP error="use_dpop_nonce"`` (and a DPoP-Nonce), or
-     ``error="invalid_token"`` (the token is evicted and a new one fetched), retry once with a
-     new proof, provided the body could be buffered (``replay_buffer_bytes``). Streaming or
-     larger bodies go straight through and a 401 reaches the app unchanged.
+The credential is the route's kind (:mod:`sidecar.credentials.kind`): the forwarder asks it for
+header lines from what is sent and never knows whether they are a DPoP-bound token, a Bearer
+token or (issue #20) a signature. One request, at most two attempts, never a loop:
+  1. the kind's header lines for the URL actually sent;
+  2. if the upstream answers 401 and the kind says one more attempt could succeed (a DPoP
+     nonce, a rejected token it replaces), retry once with the kind's new lines, provided the
+     body could be buffered (``replay_buffer_bytes``). Streaming or larger bodies go straight
+     through and a 401 reaches the app unchanged.
 
 SSRF guard: only upstreams named by routes are dialled, and their addresses are checked at
 connect time: loopback, link-local (169.254.0.0/16, fe80::/10: cloud metadata), unspecified
@@ -26,17 +28,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
-import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from sidecar.config import Destination
-from sidecar.credentials.broker import Credentials
 from sidecar.credentials.dpop import htu
+from sidecar.credentials.kind import Credential
 from sidecar.errors import (
     BadRequest,
     Forbidden,
@@ -48,7 +51,7 @@ from sidecar.errors import (
 from sidecar.ops.audit import Exchange
 from sidecar.proxy.admission import Admission
 from sidecar.proxy.flow import Slots
-from sidecar.proxy.headers import forwarded, has_app_credentials, relayed_block
+from sidecar.proxy.headers import forwarded, has_app_credentials, relayed_block, request_drop
 from sidecar.proxy.listener import AppGone, Reply, Request
 from sidecar.proxy.origin_client import (
     Origin,
@@ -68,7 +71,6 @@ log = logging.getLogger("sidecar.upstream")
 # Answers up to this size (with a Content-Length) are read whole and sent to the app in one
 # write; larger or unsized ones are streamed chunk by chunk with backpressure.
 WHOLE_BODY_LIMIT = 64 * 1024
-_CHALLENGE_ERROR = re.compile(r'error\s*=\s*"?([a-z_]+)"?', re.IGNORECASE)
 
 __all__ = ["Forwarder"]
 
@@ -76,19 +78,24 @@ __all__ = ["Forwarder"]
 @dataclass(frozen=True)
 class _Upstream:
     """Where one route sends its requests (``scheme://host[:port]``), prepared once per route:
-    the pool key, the static lines of every request head, the DPoP ``htu`` prefix."""
+    the pool key, the static lines of every request head, the origin as credentials see it."""
 
     origin: Origin  # the pool key: host (without brackets), port, TLS context, SSRF policy
     private_literal: bool  # an IP literal the SSRF guard refuses (names: checked at resolve)
     static_lines: str  # "Host: ...\r\n" (and Via), as sent on every request
-    htu_prefix: str  # RFC 9449 htu without the path: scheme://host[:port], normalised
-    nonce_key: str  # RFC 9449 nonces are per origin
+    htu_prefix: str  # scheme://host[:port] lower-case, default port dropped (RFC 9449 htu)
+    credential: Credential[Any]  # the route's kind of credential
+    drop: frozenset[str]  # app header names not forwarded (hop-by-hop, the kind's own)
     timeouts: Timeouts | None  # None: the route has a total timeout, set per request
     slots: Slots  # at most max_connections requests in flight to the route's upstream
 
 
 def _prepare(
-    text: str, route: Route, ssl_for: Callable[[Route], ssl.SSLContext], slots: Slots
+    text: str,
+    route: Route,
+    ssl_for: Callable[[Route], ssl.SSLContext],
+    slots: Slots,
+    credential: Credential[Any],
 ) -> _Upstream:
     parts = urlsplit(text)
     scheme = parts.scheme.lower()
@@ -115,7 +122,8 @@ def _prepare(
         private_literal=private_literal,
         static_lines=static,
         htu_prefix=htu(scheme, host, explicit, "/")[:-1],
-        nonce_key=text.lower().rstrip("/"),
+        credential=credential,
+        drop=request_drop(credential.strips),
         timeouts=timeouts,
         slots=slots,
     )
@@ -136,29 +144,20 @@ class _Body:
 
 
 _NO_BODY = _Body(None, None)
+_EMPTY_DIGEST = hashlib.sha256(b"").hexdigest()
 _EMPTY_BODY = _Body(b"", None)  # "Content-Length: 0" is passed on (a POST without it may 411)
-
-
-def _challenge_error(resp: Response) -> str | None:
-    for raw in resp.getall(b"www-authenticate"):
-        value = raw.decode("latin-1")
-        if value.lstrip().lower().startswith(("dpop", "bearer")):
-            match = _CHALLENGE_ERROR.search(value)
-            if match:
-                return match.group(1).lower()
-    return None
 
 
 class Forwarder:
     def __init__(
         self,
-        credentials: Credentials,
+        kinds: Callable[[Route], Credential[Any]],
         *,
         ssl_for: Callable[[Route], ssl.SSLContext],
         replay_limit: int,
         admission: Admission | None = None,
     ) -> None:
-        self._credentials = credentials
+        self._kinds = kinds  # a route's kind of credential (the broker's Credentials.kind)
         self._ssl_for = ssl_for
         self.replay_limit = replay_limit  # swapped on reload
         on_error = None
@@ -204,7 +203,7 @@ class Forwarder:
             return found[1]
         if len(self._upstreams) > 4096:  # wildcard routes: bounded
             self._upstreams.clear()
-        prepared = _prepare(text, route, self._ssl_for, self._slots_for(route))
+        prepared = _prepare(text, route, self._ssl_for, self._slots_for(route), self._kinds(route))
         self._upstreams[(id(route), text)] = (route, prepared)
         return prepared
 
@@ -221,13 +220,17 @@ class Forwarder:
     ) -> None:
         route, target, scopes = resolved
         dest = route.destination
-        if dest.app_credentials == "refuse" and has_app_credentials(request.headers):
+        up = self._upstream(route, target)
+        credential = up.credential
+        if dest.app_credentials == "refuse" and has_app_credentials(
+            request.headers, credential.strips
+        ):
+            given = sorted({n for n, _ in request.headers if n.lower() in credential.strips})
             raise BadRequest(
-                "this route refuses requests that carry their own Authorization or DPoP header "
-                "(the sidecar supplies the credential); remove it from the app",
+                "this route refuses requests that carry their own credential header "
+                f"({', '.join(given)}: the sidecar supplies it); remove it from the app",
                 route=route.name,
             )
-        up = self._upstream(route, target)
         if up.private_literal and not dest.allow_private:
             # Refused before a token is fetched or a body read; the pool would refuse it too.
             raise Forbidden(
@@ -236,40 +239,45 @@ class Forwarder:
                 route=route.name,
             )
         # The request line and the app's headers: llhttp has checked they hold no line break.
-        path = target.path
-        head = f"{request.method} {path}{'?' + target.query if target.query else ''} HTTP/1.1\r\n"
-        head += up.static_lines + "".join([f"{n}: {v}\r\n" for n, v in forwarded(request.headers)])
+        path, query = target.path, target.query
+        kept = forwarded(request.headers, up.drop)
+        head = f"{request.method} {path}{'?' + query if query else ''} HTTP/1.1\r\n"
+        head += up.static_lines + "".join([f"{n}: {v}\r\n" for n, v in kept])
         if not request.body_exists:
             body = _EMPTY_BODY if request.content_length == 0 else _NO_BODY
         else:
             body = await self._body(request)
-        found = self._credentials.cached(route, scopes)
-        if found is None:
-            key, token, hit = await self._credentials.lookup(route, scopes)
+        digest = None
+        if credential.wants_body_digest and body.replayable:
+            # At most replay_buffer_bytes; a streamed body has none (it is not known yet).
+            digest = hashlib.sha256(body.data).hexdigest() if body.data else _EMPTY_DIGEST
+        held = credential.ready(route, scopes)
+        if held is None:
+            held, hit = await credential.prepare(route, scopes)
+            exchange.cache = "hit" if hit else "miss"
         else:
-            (key, token), hit = found, True
-        exchange.cache = "hit" if hit else "miss"
+            exchange.cache = "hit"
         slots = up.slots
         timeouts = up.timeouts
         if timeouts is None or not slots.take_now():
             timeouts = await self._wait_for_slot(request, slots, dest, timeouts)
         try:
-            htu_ = up.htu_prefix + path
+            origin = up.htu_prefix
             for attempt in (1, 2):
                 if request.app_gone:
                     # Nobody reads the answer: not sent (a POST retried by the app must not
                     # reach the API twice because this copy waited in the queue).
                     raise AppGone("the app closed the connection")
-                exchange.token = token.reference
-                credential = self._credentials.authorization(
-                    token, request.method, htu_, up.nonce_key
+                exchange.token = credential.reference(held)
+                lines = credential.header_lines(
+                    held, request.method, origin, path, query, kept, digest
                 )
                 sent = time.perf_counter()
                 try:
                     resp = await self._pool.send(
                         up.origin,
                         request.method,
-                        (head + credential).encode("utf-8", "surrogateescape"),
+                        (head + lines).encode("utf-8", "surrogateescape"),
                         body.payload(),
                         body.length,
                         timeouts,
@@ -277,31 +285,15 @@ class Forwarder:
                 except OriginError as exc:
                     raise _proxy_error(exc, route) from exc
                 exchange.upstream_seconds = time.perf_counter() - sent
-                nonce = resp.get(b"dpop-nonce")
-                if nonce:
-                    self._credentials.nonces.update(up.nonce_key, nonce.decode("latin-1"))
+                credential.learn(origin, resp)
                 if resp.status != 401 or attempt == 2 or not body.replayable:
                     break
-                reason = _challenge_error(resp)
-                if reason == "use_dpop_nonce" and nonce:
-                    await _discard(resp)
-                    exchange.retry = reason
-                    log.info(
-                        "retrying with the resource server's DPoP nonce",
-                        extra={"route": route.name},
-                    )
-                    continue
-                if reason == "invalid_token":
-                    await _discard(resp)
-                    exchange.retry = reason
-                    self._credentials.evict(key, token)
-                    log.info(
-                        "resource server rejected the token; fetching a new one",
-                        extra={"route": route.name},
-                    )
-                    key, token = await self._credentials.token(route, scopes)
-                    continue
-                break
+                reason = credential.retry_reason(resp)
+                if reason is None:
+                    break
+                await _discard(resp)
+                exchange.retry = reason
+                held = await credential.again(held, route, scopes, reason)
             await self._relay(request, reply, resp, route)
         finally:
             slots.give()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -108,3 +111,69 @@ async def test_metric_names_and_labels_match_the_documented_list(
     assert 'sidecar_token_requests_total{authorization_server="dev",outcome="ok"} 1.0' in text
     for token in stack.auth_server.issued_tokens:
         assert token.split(".")[1] not in text
+
+
+async def admin_raw(sidecar: Sidecar, data: bytes) -> bytes:
+    """Hand-written bytes to the admin port; everything it answers until it closes or 10 s."""
+    assert sidecar.admin_address is not None
+    address = sidecar.admin_address
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        chunks = []
+        async with asyncio.timeout(10):
+            while chunk := await reader.read(65536):
+                chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+@pytest.mark.parametrize("method", ["POST", "HEAD", "PUT", "DELETE", "OPTIONS"])
+async def test_admin_paths_answer_get_only(sidecar: Sidecar, method: str) -> None:
+    length = "Content-Length: 0\r\n" if method in ("POST", "PUT") else ""
+    raw = f"{method} /readyz HTTP/1.1\r\nHost: a\r\n{length}Connection: close\r\n\r\n"
+    answer = await admin_raw(sidecar, raw.encode())
+    assert answer.startswith(b"HTTP/1.1 405 ")
+    assert b"\r\nAllow: GET\r\n" in answer
+
+
+async def test_unknown_admin_paths_are_404_and_the_query_is_ignored(sidecar: Sidecar) -> None:
+    answer = await admin_raw(
+        sidecar, b"GET /admin HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 404 ")
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"] == "not_found"
+    answer = await admin_raw(
+        sidecar, b"GET /healthz?verbose=1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert b"Content-Type: application/json" in answer
+
+
+async def test_admin_keep_alive_answers_in_order(sidecar: Sidecar) -> None:
+    two = b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\nGET /readyz HTTP/1.1\r\nHost: a\r\n\r\n"
+    answer = await admin_raw(sidecar, two + b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert answer.count(b"HTTP/1.1 200 ") == 2
+    assert answer.count(b"HTTP/1.1 503 ") == 1  # no token yet: not ready
+    assert answer.index(b'"status"') < answer.index(b'"ready"')
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\nX-Pad: " + b"a" * 9000 + b"\r\n\r\n",  # head > 8 KiB
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\nBad Header: x\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: a\nX: bare-lf\r\n\r\n\x00",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",  # a TLS ClientHello at a plain port
+    ],
+)
+async def test_malformed_admin_requests_are_400_and_the_port_keeps_serving(
+    sidecar: Sidecar, raw: bytes
+) -> None:
+    answer = await admin_raw(sidecar, raw)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:80]
+    assert await admin_get(sidecar, "/healthz") == (200, {"status": "ok"})

@@ -128,8 +128,10 @@ class Credentials:
         return None if token is None else (key, token)
 
     async def token(self, route: Route, scopes: tuple[str, ...]) -> tuple[TokenKey, AccessToken]:
-        """The token ``route``'s kind would attach (prefetch, ``explain --fetch``)."""
-        key, token, _ = await self.lookup(route, scopes, self._jkt(route))
+        """What ``route``'s kind attaches, fetched now if need be (prefetch, ``explain
+        --fetch``): for the OAuth kinds, ``(TokenKey, AccessToken)``."""
+        held, _ = await self.kind(route).prepare(route, scopes)
+        key, token = held
         return key, token
 
     async def lookup(
@@ -142,7 +144,3 @@ class Credentials:
 
     def evict(self, key: TokenKey, token: AccessToken) -> None:
         self.cache.evict(key, token)
-
-    def _jkt(self, route: Route) -> str | None:
-        kind = self.kind(route)
-        return kind.jkt if isinstance(kind, BearerToken) else None

@@ -146,3 +146,30 @@ async def test_a_redirect_from_the_token_endpoint_is_not_followed(stack: DevStac
     assert status == 502, body
     assert state.redirected == 0
     assert stack.saas.requests == []
+
+
+async def test_after_an_svid_rotation_no_connection_with_the_old_certificate_is_kept(
+    stack: DevStack,
+) -> None:
+    async with running_sidecar(stack, authorization_server={"client_auth": "mtls"}) as sidecar:
+        rotated = asyncio.Event()
+        sidecar.identity.on_x509_rotation(lambda _: rotated.set())
+        async with AppClient(sidecar) as app:
+            assert (await app.request("GET", URL))[0] == 200
+            pool = sidecar.token_client._transport._pool  # type: ignore[attr-defined]
+            first = set(sidecar.token_client._mtls.values())  # the context presenting SVID 1
+            before = {origin.ssl for origin, idle in pool._idle.items() if idle}
+            assert len(first) == 1
+            assert first <= before  # its connection was kept alive (discovery has its own)
+            stack.workload_api.rotate_x509()
+            await asyncio.wait_for(rotated.wait(), 10)
+            assert (await app.request("GET", URL))[0] == 200
+        after = {origin.ssl for origin, idle in pool._idle.items() if idle}
+        second = set(sidecar.token_client._mtls.values())
+        assert second
+        assert not (second & first)
+        assert second <= after
+        assert not (after & first), "a connection presenting the old certificate is pooled"
+    fingerprints = [r.client_cert_sha256 for r in stack.auth_server.token_requests]
+    assert len(fingerprints) == 2
+    assert fingerprints[0] != fingerprints[1]

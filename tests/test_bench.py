@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.imports import main as imports_main
 from bench.micro.run import main as micro_main
 from bench.run import Proxy, Samples, cpu_seconds, peak_rss_mb, process_tree, report
 from bench.run import main as bench_main
@@ -110,3 +111,18 @@ def test_report_states_the_floor_and_the_workers_ceiling() -> None:
         f"`--workers 2` throughput: 1.50× one worker. The ceiling on this machine is {ceiling:.2f}×"
         in text
     )
+
+
+def test_the_import_table_has_a_row_per_group_and_a_total(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert imports_main(["--markdown", "--without-aiohttp"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    labels = [row.split("|")[1].strip() for row in rows[1:]]
+    assert labels[0].startswith("python")
+    assert "grpc (C core)" in labels
+    assert "sidecar.* (our modules)" in labels
+    assert not [label for label in labels if label.startswith("aiohttp")]
+    sizes = [float(row.split("|")[2].strip(" *")) for row in rows[1:]]
+    assert sizes[-1] > 20  # the resident total: CPython and asyncio alone are more
+    assert abs(sum(sizes[:-1]) - sizes[-1]) < 0.5  # the rows add up to it (rounding)

@@ -1,7 +1,8 @@
 """Admin listener: liveness, readiness and Prometheus metrics (loopback by default).
 
 Served by the data path's own listener (:class:`~sidecar.proxy.listener.Listener`: llhttp,
-bounded heads, head and idle timeouts, at most 16 pipelined requests), so ``sidecar run``
+bounded heads, head and idle timeouts, at most 16 pipelined requests, at most 64 connections,
+and the file descriptors the proxy port keeps in reserve), so ``sidecar run``
 carries one HTTP stack. Three paths, GET only (405 with ``Allow: GET`` otherwise), JSON answers
 as before; the query string is ignored; a request body is never read (the connection is then
 closed rather than kept alive).
@@ -17,9 +18,11 @@ from collections.abc import Callable
 
 from sidecar.config import Address
 from sidecar.ops.metrics import CONTENT_TYPE
+from sidecar.proxy.admission import Admission
 from sidecar.proxy.listener import Listener, Reply, Request
 
 MAX_HEAD_BYTES = 8 * 1024  # a probe's or a scraper's request head is a few hundred bytes
+MAX_CONNECTIONS = 64  # kubelet probes and a scraper or two
 JSON = "application/json; charset=utf-8"
 PATHS = ("/healthz", "/readyz", "/metrics")
 
@@ -30,7 +33,10 @@ class Admin:
     def __init__(self, readiness: Readiness, exposition: Callable[[], bytes]) -> None:
         self._readiness = readiness
         self._exposition = exposition
-        self._listener = Listener(self.handle, max_header_bytes=MAX_HEAD_BYTES)
+        # The file descriptors the proxy port leaves free are kept for this port (probes must
+        # answer while the app floods the proxy): no reserve here, but few connections.
+        admission = Admission(MAX_CONNECTIONS, reserve=False)
+        self._listener = Listener(self.handle, max_header_bytes=MAX_HEAD_BYTES, admission=admission)
         self._started = False
 
     async def start(self, address: Address, *, reuse_port: bool = False) -> Address:

@@ -47,11 +47,13 @@ class Admission:
         max_connections: int,
         *,
         limit: int | None = None,
+        reserve: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.max_connections = max_connections  # swapped on reload
         self.fd_limit = fd_limit() if limit is None else limit
-        self.fd_ceiling = self.fd_limit - fd_reserve(self.fd_limit)
+        # reserve=False: a listener the reserve is kept for (the admin port) may use it.
+        self.fd_ceiling = self.fd_limit - (fd_reserve(self.fd_limit) if reserve else 0)
         self._clock = clock
         self._logged: dict[str, float] = {}
         self.refused: dict[str, int] = {"limit": 0, "fd_limit": 0}  # app connections closed

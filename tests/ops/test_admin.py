@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.devstack.stack import SAAS_HOST, DevStack
 from sidecar.errors import IdentityUnavailable
+from sidecar.ops.admin import MAX_CONNECTIONS
 from sidecar.runtime import Sidecar
 from tests.conftest import AppClient, ManualClock, running_sidecar
 
@@ -177,3 +178,25 @@ async def test_malformed_admin_requests_are_400_and_the_port_keeps_serving(
     answer = await admin_raw(sidecar, raw)
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:80]
     assert await admin_get(sidecar, "/healthz") == (200, {"status": "ok"})
+
+
+async def test_the_admin_port_serves_a_bounded_number_of_connections(sidecar: Sidecar) -> None:
+    assert sidecar.admin_address is not None
+    host, port = sidecar.admin_address.host, sidecar.admin_address.port
+    held: list[asyncio.StreamWriter] = []
+    probe = b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n"
+    try:
+        for _ in range(MAX_CONNECTIONS - 1):  # idle keep-alive connections, as an abuser holds
+            _, writer = await asyncio.open_connection(host, port)
+            held.append(writer)
+        reader, writer = await asyncio.open_connection(host, port)  # the last one served
+        held.append(writer)
+        writer.write(probe)
+        assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"HTTP/1.1 200 ")
+        reader, writer = await asyncio.open_connection(host, port)  # one too many
+        held.append(writer)
+        writer.write(probe)
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, unanswered
+    finally:
+        for writer in held:
+            writer.close()

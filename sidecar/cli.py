@@ -115,7 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     if cfg is None:
         return 2
-    logs.configure(cfg.log_level, cfg.log_format)
+    logs.configure(cfg.log_level, cfg.log_format, audit=cfg.audit)
     if args.workers > 1 and not args.worker:
         return _supervise(args, cfg)
     _install_uvloop()

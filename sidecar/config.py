@@ -31,6 +31,10 @@ ENV_ADMIN = "SIDECAR_ADMIN"
 ClientAuth = Literal["jwt_svid", "jwt_bearer", "mtls", "client_secret", "none"]
 Grant = Literal["client_credentials", "token_exchange", "jwt_bearer"]
 TokenType = Literal["dpop", "bearer"]
+# ``startup``: ready once every route got a token once; ``strict``: unready while any route
+# has no usable token (sidecar/ops/readiness.py).
+ReadinessPolicy = Literal["startup", "strict"]
+READINESS_POLICIES: tuple[ReadinessPolicy, ...] = ("startup", "strict")
 
 CLIENT_AUTHS: tuple[ClientAuth, ...] = ("jwt_svid", "jwt_bearer", "mtls", "client_secret", "none")
 GRANTS: tuple[Grant, ...] = ("client_credentials", "token_exchange", "jwt_bearer")
@@ -130,6 +134,9 @@ class Config:
     audit_query: bool = False  # put query strings in the audit log
     watch: bool = True  # reload when the config file changes
     watch_interval: float = 2.0
+    token_wait: float = 3.0  # tokens.wait: longest a request waits for a token request
+    readiness: ReadinessPolicy = "startup"
+    audit: bool = True  # audit.enabled: the audit stream, whatever log.level says
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,6 +510,8 @@ def _parse(root: _Node, source: Path | None, env: Mapping[str, str], base: Path)
             "limits",
             "tokens",
             "reload",
+            "readiness",
+            "audit",
         }
     ):
         raise ConfigError(problems)
@@ -579,9 +588,17 @@ def _parse(root: _Node, source: Path | None, env: Mapping[str, str], base: Path)
         fmt = log.choice("format", ("json", "console"), "json")
         audit_query = bool(log.get("audit_query", bool, False))
     tokens = root.child("tokens")
-    prefetch = True
-    if tokens.value is not None and tokens.mapping({"prefetch"}):
+    prefetch, token_wait = True, 3.0
+    if tokens.value is not None and tokens.mapping({"prefetch", "wait"}):
         prefetch = bool(tokens.get("prefetch", bool, True))
+        token_wait = _positive(tokens, "wait", 3.0)
+        if token_wait > 60:
+            tokens.child("wait").problem("must be at most 60 seconds")
+    readiness = root.choice("readiness", READINESS_POLICIES, "startup")
+    audit_node = root.child("audit")
+    audit = True
+    if audit_node.value is not None and audit_node.mapping({"enabled"}):
+        audit = bool(audit_node.get("enabled", bool, True))
     reload = root.child("reload")
     watch, interval = True, 2.0
     if reload.value is not None and reload.mapping({"watch", "interval"}):
@@ -618,6 +635,9 @@ def _parse(root: _Node, source: Path | None, env: Mapping[str, str], base: Path)
         audit_query=audit_query,
         watch=watch,
         watch_interval=interval,
+        token_wait=token_wait,
+        readiness=readiness,  # type: ignore[arg-type]
+        audit=audit,
     )
 
 

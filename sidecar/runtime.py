@@ -29,6 +29,7 @@ from sidecar.ops import logs as logs_module
 from sidecar.ops.admin import Admin
 from sidecar.ops.audit import Exchange
 from sidecar.ops.metrics import UNMATCHED, Metrics
+from sidecar.ops.readiness import Readiness, RouteReadiness, evaluate, route_readiness
 from sidecar.ops.reload import ConfigWatcher, Fingerprint, fingerprint
 from sidecar.proxy.admission import Admission
 from sidecar.proxy.listener import AppGone, Listener, Reply, Request
@@ -66,9 +67,11 @@ class Sidecar:
         *,
         grace: float = 20.0,
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
         reuse_port: bool = False,
     ) -> None:
         self._initial = config
+        self._wall_clock = wall_clock  # SVID notAfter / exp and JWT exp are epoch seconds
         self._reuse_port = reuse_port  # --workers: several processes share the ports
         self._clock = clock  # token lifetimes; tests pass a manual clock
         self.grace = grace
@@ -77,7 +80,7 @@ class Sidecar:
         self._changed = asyncio.Condition()
         self.dpop_key = DpopKey()
         self.nonces = NonceStore()
-        self.identity = WorkloadIdentity(config.spiffe_socket)
+        self.identity = WorkloadIdentity(config.spiffe_socket, clock=wall_clock)
         self.metrics = Metrics()
         self._background = Background("sidecar")
         self._reload_lock = asyncio.Lock()
@@ -86,6 +89,7 @@ class Sidecar:
         self.local_addresses: dict[str, Address] = {}
         self._watcher: tuple[ConfigWatcher, asyncio.Task[None]] | None = None
         self.stopping = False
+        self._prefetching: asyncio.Task[None] | None = None
 
     @property
     def config(self) -> Config:
@@ -105,6 +109,7 @@ class Sidecar:
         # Authorization servers are named by the operator's config, not by the app: they are
         # dialled wherever their names resolve, loopback included (node-local IdPs, tests).
         # The SSRF guard is for the upstreams an app's request picks (see proxy/upstream.py).
+        wall_clock = self._wall_clock
         self.token_client = TokenClient(
             UrlClient(allow_private=True),
             self.identity,
@@ -112,9 +117,10 @@ class Sidecar:
             self.nonces,
             ssl_for=self._as_ssl,
             clock=self._clock,
+            wall=wall_clock,
             observe=self._observe_token,
         )
-        cache = TokenCache(self._background, clock=self._clock)
+        cache = TokenCache(self._background, clock=self._clock, wait=config.token_wait)
         self.credentials = Credentials(
             self.identity, self.token_client, cache, self.dpop_key, self.nonces
         )
@@ -128,16 +134,18 @@ class Sidecar:
         self.listener = Listener(
             self.handle, max_header_bytes=config.max_header_bytes, admission=self.admission
         )
-        self.metrics.bind(self)
+        self.metrics.bind(self, clock=wall_clock)
+        logs_module.set_audit(config.audit)
         listener = self.listener
         self.metrics.in_flight.set_function(lambda: listener.in_flight)  # read at scrape time
-        self.admin = Admin(self.readiness, self.metrics.exposition)
+        self.admin = Admin(self.readiness_state, self.metrics.exposition)
         if config.admin is not None:
             self.admin_address = await self.admin.start(config.admin, reuse_port=self._reuse_port)
         servers = list(config.authorization_servers.values())
         if servers:
             log.info("waiting for SVID", extra={"socket": config.spiffe_socket})
-            self._background.spawn(self._warm_up(), name="warm-up")
+            self._prefetching = self._background.spawn(self._warm_up(), name="warm-up")
+            self._background.spawn(cache.run(), name="token refresh timer")
         self.proxy_address = await self.listener.start(config.listen, reuse_port=self._reuse_port)
         for port, route in self.snapshot.routing.local_ports.items():
             address = Address(config.listen.host, port)
@@ -175,12 +183,25 @@ class Sidecar:
         """Get an SVID; then, with ``prefetch``, a token per route so readiness can pass."""
         servers = list(self.config.authorization_servers.values())
         x509 = any(s.client_auth == "mtls" for s in servers)
+        # Whatever the client auth: the X.509-SVID's expiry and the stream's breaks are
+        # reported (events, sidecar_svid_expiry_seconds) from what the sidecar holds.
+        await self.identity.watch_x509()
         await self.identity.wait_until_ready(servers[0].jwt_svid_audience, x509=x509)
+        await self._prefetch()
+
+    async def _prefetch(self) -> None:
+        """With ``tokens.prefetch``, a token for every route that never got one under the
+        config in force (at start, and after a reload), so readiness can pass."""
         delay = 1.0
         while self.config.prefetch:
             snapshot = self.snapshot
             assert snapshot is not None
-            pending = [r for r in snapshot.routing.routes.values() if not self._route_ready(r)]
+            outcomes = self.token_client.outcomes
+            pending = [
+                r
+                for r in snapshot.routing.routes.values()
+                if not (r.name in outcomes and outcomes[r.name].ever_ok)
+            ]
             results = await asyncio.gather(
                 *(self.credentials.token(r, r.prefetch_scopes) for r in pending),
                 return_exceptions=True,
@@ -234,7 +255,8 @@ class Sidecar:
         for name, server in old.authorization_servers.items():
             if new.authorization_servers.get(name) != server:  # its tokens may differ now
                 self.credentials.cache.drop_server(name)
-                self.token_client.forget(name)
+                routes = [d.name for d in old.destinations if d.authorization_server == name]
+                self.token_client.forget(name, routes)
         self.snapshot = snapshot  # one assignment: in-flight requests keep theirs
         self.generation += 1
         self.metrics.reloads.labels("success").inc()
@@ -248,10 +270,16 @@ class Sidecar:
             extra={"source": str(new.source), "routes": len(new.destinations)},
         )
         self._background.spawn(self._notify_changed(), name="config changed")
+        prefetching = self._prefetching
+        if new.prefetch and new.authorization_servers and (not prefetching or prefetching.done()):
+            # One prefetch loop at a time; the one running reads the new snapshot anyway.
+            self._prefetching = self._background.spawn(self._prefetch(), name="prefetch")
 
     def _apply_settings(self, old: Config, new: Config, seen: Fingerprint) -> None:
         """The settings a reload applies in place (``listen`` & co. need a restart)."""
         logs_module.set_level(new.log_level)
+        logs_module.set_audit(new.audit)
+        self.credentials.cache.wait = new.token_wait
         if new.log_format != old.log_format:
             logs_module.set_format(new.log_format)
         self.listener.max_header_bytes = new.max_header_bytes
@@ -342,39 +370,45 @@ class Sidecar:
     # -- health -------------------------------------------------------------------------------
 
     def token_expiries(self) -> dict[str, float]:
-        """Seconds until the soonest-expiring valid token, per authorization server."""
-        cache = self.credentials.cache
-        soonest: dict[str, float] = {}
-        for key, token in cache.valid_tokens():
-            left = cache.seconds_left(token)
-            soonest[key.server] = min(left, soonest.get(key.server, left))
-        return soonest
+        """``sidecar_token_expiry_seconds`` per configured authorization server (never missing;
+        see TokenCache.expiry_seconds for the values when no token is usable)."""
+        return self.credentials.cache.expiry_seconds(self.config.authorization_servers)
 
-    def _route_ready(self, route: Route) -> bool:
-        server = route.server.name
-        if server in self.token_client.issued_by:
-            return True
-        return any(key.server == server for key, _ in self.credentials.cache.valid_tokens())
+    def route_states(self) -> dict[str, RouteReadiness]:
+        """Each route's readiness, from the tokens held now and its last token request."""
+        snapshot = self.snapshot
+        if snapshot is None:
+            return {}
+        held = {
+            (k.server, k.resource, k.audience, k.jkt is not None)
+            for k, _ in self.credentials.cache.valid_tokens()
+        }
+        outcomes = self.token_client.outcomes
+        states: dict[str, RouteReadiness] = {}
+        for route in snapshot.routing.routes.values():
+            dest = route.destination
+            shape = (route.server.name, dest.resource, dest.audience, dest.token_type == "dpop")
+            last = outcomes.get(route.name)
+            states[route.name] = route_readiness(
+                holds_token=shape in held,
+                last_ok=None if last is None else last.ok,
+                last_reason="" if last is None else last.reason,
+                ever_ok=last is not None and last.ever_ok,
+            )
+        return states
+
+    def readiness_state(self) -> Readiness:
+        """What /readyz says (sidecar/ops/readiness.py): computed now, from the data path."""
+        servers = self.config.authorization_servers.values()
+        return evaluate(
+            policy=self.config.readiness,
+            stopping=self.stopping,
+            loaded=self.snapshot is not None,
+            identity=self.identity.problem(need_x509=any(s.client_auth == "mtls" for s in servers)),
+            routes=self.route_states(),
+        )
 
     def readiness(self) -> tuple[bool, dict[str, str]]:
-        """Ready = an SVID is held, the config is loaded, and every route can get a token."""
-        problems: dict[str, str] = {}
-        if self.stopping:
-            problems["sidecar"] = "shutting down"
-        if self.snapshot is None:
-            problems["config"] = "not loaded yet"
-            return False, problems
-        if self.identity.state != "ready":
-            problems["identity"] = (
-                f"no SVID from the Workload API at {self.config.spiffe_socket} "
-                f"({self.identity.last_error or 'not fetched yet'})"
-            )
-        for route in self.snapshot.routing.routes.values():
-            if not self._route_ready(route):
-                server = route.server.name
-                why = self.token_client.last_error.get(server)
-                problems[f"route {route.name}"] = (
-                    f"authorization server {server!r} has not issued a token yet"
-                    + (f" (last error: {why})" if why else "")
-                )
-        return not problems, problems
+        """(ready, problem texts): the loopback view of :meth:`readiness_state`."""
+        state = self.readiness_state()
+        return state.ready, {k: v[1] for k, v in state.problems.items()}

@@ -152,3 +152,27 @@ def test_ports_can_be_overridden_per_pod_from_the_environment() -> None:
     assert cfg.admin.port == 15000
     found = problems(minimal(), env={**ENV, "SIDECAR_ADMIN": "nonsense"})
     assert "admin: (from $SIDECAR_ADMIN) must be host:port, got 'nonsense'" in found
+
+
+def test_token_wait_readiness_and_audit_defaults_and_values() -> None:
+    cfg = config.parse(minimal(), env=ENV)
+    assert (cfg.token_wait, cfg.readiness, cfg.audit) == (3.0, "startup", True)
+    cfg = config.parse(
+        minimal(tokens={"wait": 0.5}, readiness="strict", audit={"enabled": False}), env=ENV
+    )
+    assert (cfg.token_wait, cfg.readiness, cfg.audit) == (0.5, "strict", False)
+
+
+def test_token_wait_readiness_and_audit_problems_are_all_reported() -> None:
+    with pytest.raises(ConfigError) as info:
+        config.parse(
+            minimal(tokens={"wait": 0}, readiness="eventually", audit={"enabled": "yes", "x": 1}),
+            env=ENV,
+        )
+    problems = "\n".join(info.value.problems)
+    assert "tokens.wait: must be a positive number" in problems
+    assert "readiness: must be one of startup, strict" in problems
+    assert "audit.enabled: must be bool" in problems
+    assert "audit.x: unknown key" in problems
+    with pytest.raises(ConfigError, match=r"tokens\.wait: must be at most 60"):
+        config.parse(minimal(tokens={"wait": 61}), env=ENV)

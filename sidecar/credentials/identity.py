@@ -16,6 +16,7 @@ import logging
 import random
 import ssl
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +34,8 @@ from sidecar.tls import client_context
 
 log = logging.getLogger("sidecar.identity")
 
-State = Literal["starting", "waiting", "ready", "unavailable"]
+State = Literal["starting", "waiting", "ready", "unavailable", "expired"]
+RETRY_AFTER = 2  # seconds, on 503 identity_unavailable: the agent usually answers again soon
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,21 @@ class WorkloadIdentity:
         self.state: State = "starting"
         self.spiffe_id: str | None = None
         self.last_error: str | None = None
-        self.x509: X509Material | None = None
+        self.held_x509: X509Material | None = None  # the latest delivered, expired or not
+        self._expired_logged: str | None = None  # fingerprint whose expiry was logged
+        self._expiry_timer: asyncio.Task[None] | None = None
+        # Counted when they happen (sidecar_workload_api_events_total), not when used later.
+        self.events: dict[str, int] = {
+            "stream_broken": 0,
+            "reconnect_attempt": 0,
+            "fetch_failed": 0,
+            "svid_expired": 0,
+        }
+        self._closed = False
+        self._streams: list[Any] = []  # every X.509 stream started (cancelled on close)
+        self._streams_lock = threading.Lock()
+        self._stream_delivered = False  # the current stream delivered an SVID
+        self._rewatch_delay = 0.5
         self._x509_ready = asyncio.Event()
         self._x509_watch: Any = None
         self._x509_listeners: list[Callable[[X509Material], None]] = []
@@ -149,10 +165,12 @@ class WorkloadIdentity:
                 delay = min(delay * 2, max_delay)
 
     async def close(self) -> None:
+        self._closed = True
         await self._background.close()
-        watch, self._x509_watch = self._x509_watch, None
-        if watch is not None:
-            await asyncio.to_thread(watch.cancel)
+        self._x509_watch = None
+        # Every stream ever started is cancelled, even one whose starter was cancelled before
+        # it got the handle: none may outlive the client (gRPC would crash on its channel).
+        await asyncio.to_thread(self._cancel_streams)
         client, self._client = self._client, None
         if client is not None:
             await asyncio.to_thread(client.close)
@@ -162,8 +180,55 @@ class WorkloadIdentity:
         await self._flights.settle()
 
     def jwt_expiry(self) -> float | None:
-        """Epoch seconds at which the soonest cached JWT-SVID expires (None: none cached)."""
-        return min((s.expires_at for s in self._jwt.values()), default=None)
+        """Epoch seconds at which the freshest cached JWT-SVID expires (None: none cached).
+        JWT-SVIDs are fetched when a token request needs one, so this may be past between
+        token requests: the X.509-SVID's expiry is the one that says the agent is rotating."""
+        return max((s.expires_at for s in self._jwt.values()), default=None)
+
+    @property
+    def x509(self) -> X509Material | None:
+        """The current X.509-SVID if it is valid now: never one past its ``notAfter``."""
+        held = self.held_x509
+        if held is None:
+            return None
+        if self._clock() < held.expires_at:
+            return held
+        self._expired(held)
+        return None
+
+    def problem(self, *, need_x509: bool) -> tuple[str, str] | None:
+        """(state, reason) when the identity cannot be used now, else None (for readiness)."""
+        held = self.held_x509
+        if held is not None and self._clock() >= held.expires_at and (need_x509 or self.x509):
+            return "expired", (
+                f"the X.509-SVID expired at {_utc(held.expires_at)} and the Workload API at "
+                f"{self.address} has not delivered a new one"
+            )
+        if need_x509 and held is None:
+            return "waiting", f"no X.509-SVID from the Workload API at {self.address} yet"
+        if self.state in ("ready", "expired"):
+            return None
+        return self.state, (
+            f"no SVID from the Workload API at {self.address} "
+            f"({self.last_error or 'not fetched yet'})"
+        )
+
+    def _expired(self, held: X509Material) -> None:
+        """Once per SVID: say why it is no longer presented."""
+        if self._expired_logged == held.fingerprint:
+            return
+        self._expired_logged = held.fingerprint
+        self.events["svid_expired"] += 1
+        self.state = "expired"
+        log.warning(
+            "X.509-SVID expired; not presenting it",
+            extra={
+                "socket": self.address,
+                "spiffe_id": held.spiffe_id,
+                "fingerprint": held.fingerprint[:16],
+                "expired_at": int(held.expires_at),
+            },
+        )
 
     # -- X.509-SVIDs ---------------------------------------------------------------------------
 
@@ -174,16 +239,36 @@ class WorkloadIdentity:
         """The current X.509-SVID; the first call starts watching the Workload API stream."""
         if self.x509 is not None:
             return self.x509
+        if self.held_x509 is not None:  # delivered, but past its notAfter
+            raise IdentityUnavailable(
+                "the X.509-SVID expired and the SPIFFE Workload API has not delivered a new "
+                "one; is the SPIRE agent running?",
+                retry_after=RETRY_AFTER,
+            )
         await self._watch_x509()
         try:
             await asyncio.wait_for(self._x509_ready.wait(), timeout or self._timeout)
         except TimeoutError as exc:
             raise IdentityUnavailable(
                 "the SPIFFE Workload API did not deliver an X.509-SVID in time; is the SPIRE "
-                "agent running and this workload registered?"
+                "agent running and this workload registered?",
+                retry_after=RETRY_AFTER,
             ) from exc
-        assert self.x509 is not None
-        return self.x509
+        current = self.x509
+        if current is None:
+            raise IdentityUnavailable(
+                "the SPIFFE Workload API delivered an X.509-SVID that has already expired",
+                retry_after=RETRY_AFTER,
+            )
+        return current
+
+    async def watch_x509(self) -> None:
+        """Follow the X.509-SVID stream without waiting for it (whatever the client auth:
+        its expiry and the stream's breaks are reported even when no AS uses mTLS)."""
+        try:
+            await self._watch_x509()
+        except IdentityUnavailable:
+            self._background.spawn(self._rewatch_x509(), name="x509 re-watch")
 
     async def _watch_x509(self) -> None:
         if self._x509_watch is not None:
@@ -193,7 +278,8 @@ class WorkloadIdentity:
         except PySpiffeError as exc:
             self._set_state("waiting", exc)
             raise IdentityUnavailable(
-                f"the SPIFFE Workload API is not reachable ({type(exc).__name__})"
+                f"the SPIFFE Workload API is not reachable ({type(exc).__name__})",
+                retry_after=RETRY_AFTER,
             ) from exc
         loop = asyncio.get_running_loop()
 
@@ -209,13 +295,38 @@ class WorkloadIdentity:
         def on_error(exc: Exception) -> None:
             loop.call_soon_threadsafe(self._x509_failed, exc)
 
-        self._x509_watch = await asyncio.to_thread(
-            client.stream_x509_contexts, on_success, on_error, True
-        )
+        # retry_connect=False: the package then reports every break (it retries silently
+        # otherwise); _rewatch_x509 reconnects, so a break is logged and counted when it
+        # happens.
+        def start() -> Any:  # on a worker thread
+            with self._streams_lock:
+                if self._closed:
+                    return None
+                handle = client.stream_x509_contexts(on_success, on_error, False)
+                self._streams.append(handle)
+                while len(self._streams) > 4:  # older ones broke (one stream at a time)
+                    self._streams.pop(0).cancel()
+                return handle
+
+        self._x509_watch = _STARTING
+        handle = await asyncio.to_thread(start)
+        if handle is not None and self._x509_watch is _STARTING:
+            self._x509_watch = handle
+        elif handle is not None:  # it broke before the handle arrived: a re-watch took over
+            await asyncio.to_thread(handle.cancel)
+
+    def _cancel_streams(self) -> None:
+        with self._streams_lock:
+            streams, self._streams = self._streams, []
+        for handle in streams:
+            handle.cancel()
 
     def _x509_arrived(self, material: X509Material) -> None:
-        previous, self.x509 = self.x509, material  # one assignment: readers see old or new
+        previous, self.held_x509 = self.held_x509, material  # one assignment: old or new
         self._x509_ready.set()
+        self._stream_delivered = True
+        if previous is None or previous.fingerprint != material.fingerprint:
+            self._arm_expiry(material)
         self.spiffe_id = material.spiffe_id
         self._set_state("ready")
         if previous is not None and previous.fingerprint == material.fingerprint:
@@ -233,23 +344,45 @@ class WorkloadIdentity:
             for listener in self._x509_listeners:
                 listener(material)
 
+    def _arm_expiry(self, material: X509Material) -> None:
+        """A timer at the SVID's notAfter: its expiry is logged when it happens."""
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+
+        async def at_expiry() -> None:
+            await asyncio.sleep(max(0.0, material.expires_at - self._clock()))
+            if self.held_x509 is material:
+                _ = self.x509  # logs and counts the expiry
+
+        self._expiry_timer = self._background.spawn(at_expiry(), name="x509 expiry")
+
     def _x509_failed(self, exc: BaseException) -> None:
-        """The spiffe watcher calls on_error only when it gives up: start a new one."""
-        log.warning(
-            "X.509-SVID stream ended; reconnecting",
-            extra={"socket": self.address, "error": type(exc).__name__},
-        )
+        """The stream broke (the agent went away or restarted): say so now, reconnect."""
+        if self._closed or self._x509_watch is None:
+            return  # closed, or a re-watch is already under way
+        if self._stream_delivered:  # it was working: the agent went away now
+            self.events["stream_broken"] += 1
+            self._rewatch_delay = 0.5
+            log.warning(
+                "Workload API stream broken; reconnecting",
+                extra={"socket": self.address, "error": type(exc).__name__},
+            )
+        else:  # a reconnect that failed: back off (bounded), no new warning
+            self._rewatch_delay = min(self._rewatch_delay * 2, 30.0)
+            log.debug("Workload API reconnect failed", extra={"error": type(exc).__name__})
+        self._stream_delivered = False
         self._x509_watch = None
         self._background.spawn(self._rewatch_x509(), name="x509 re-watch")
 
     async def _rewatch_x509(self) -> None:
-        delay = 0.5
         while self._x509_watch is None:
+            delay = self._rewatch_delay
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
+            self.events["reconnect_attempt"] += 1
             try:
                 await self._watch_x509()
             except IdentityUnavailable:
-                delay = min(delay * 2, 30.0)
+                self._rewatch_delay = min(delay * 2, 30.0)
 
     # -- JWT-SVIDs -----------------------------------------------------------------------------
 
@@ -268,10 +401,12 @@ class WorkloadIdentity:
             client = await self._connect()
             svid = await asyncio.to_thread(client.fetch_jwt_svid, audience={audience})
         except PySpiffeError as exc:
+            self.events["fetch_failed"] += 1
             self._set_state("unavailable" if self.state == "ready" else "waiting", exc)
             raise IdentityUnavailable(
                 "the SPIFFE Workload API did not issue a JWT-SVID "
-                f"({type(exc).__name__}); is the SPIRE agent running and this workload registered?"
+                f"({type(exc).__name__}); is the SPIRE agent running and this workload registered?",
+                retry_after=RETRY_AFTER,
             ) from exc
         result = JwtSvid(
             token=Secret(svid.token),
@@ -302,7 +437,8 @@ class WorkloadIdentity:
             return
         self.state = state
         if state == "ready":
-            expiry = self.jwt_expiry() or (self.x509.expires_at if self.x509 else None)
+            held = self.held_x509
+            expiry = self.jwt_expiry() or (held.expires_at if held else None)
             log.info(
                 "SVID received",
                 extra={
@@ -316,6 +452,13 @@ class WorkloadIdentity:
                 "waiting for the SPIFFE Workload API" if state == "waiting" else "identity lost",
                 extra={"socket": self.address, "error": self.last_error},
             )
+
+
+_STARTING: Any = object()  # the watch is being set up (its handle not returned yet)
+
+
+def _utc(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
 class _NoSocket(ArgumentError):

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
+import math
 import re
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -34,7 +36,7 @@ import jwt
 from sidecar.config import AuthorizationServer
 from sidecar.credentials.dpop import DpopKey, NonceStore, access_token_hash
 from sidecar.credentials.identity import JwtSvid, WorkloadIdentity
-from sidecar.errors import ProxyError, TokenRejected, TokenUnavailable, sanitize
+from sidecar.errors import ProxyError, Scrubber, TokenRejected, TokenUnavailable, registered_error
 from sidecar.ops.audit import token_reference
 from sidecar.secret import Secret
 
@@ -48,7 +50,11 @@ JWT_BEARER_GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"
 MAX_RESPONSE_BYTES = 64 * 1024
 METADATA_TTL = 3600.0
-DEFAULT_LIFETIME = 300.0  # when the AS says neither expires_in nor exp
+# RFC 6749 §5.1: expires_in is RECOMMENDED. With neither it nor a readable exp, assume a short
+# life (a new token every ~4 minutes) rather than refuse a legal answer.
+DEFAULT_LIFETIME = 300.0
+# No access token lives longer than a year: an expires_in beyond is a broken or hostile AS.
+MAX_LIFETIME = 365 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -156,33 +162,37 @@ def needs_svid(server: AuthorizationServer) -> bool:
 
 
 def parse_token_response(
-    status: int, body: bytes, *, dpop: bool, route: str, now: float
+    status: int,
+    body: bytes,
+    *,
+    dpop: bool,
+    route: str,
+    now: float,
+    sent_at: float | None = None,
+    wall: float | None = None,
+    scrub: Scrubber | None = None,
 ) -> AccessToken:
-    """Turn the AS's answer into a token, or the error the app will see (RFC 6749 §5.1-5.2)."""
+    """Turn the AS's answer into a token, or the error the app will see (RFC 6749 §5.1-5.2).
+
+    ``now`` is when the answer arrived and ``sent_at`` when the request was sent (monotonic):
+    the token's life is counted from ``sent_at``, the earliest instant the AS may have started
+    it. ``wall`` is the epoch time now, to read a JWT's ``exp``. ``scrub`` removes what was sent
+    from the AS's free text, which only ever reaches a log line (``peer_text``).
+    """
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         doc = None
     if status != 200:
-        error = sanitize(doc.get("error", "")) if isinstance(doc, dict) else ""
-        desc = sanitize(doc.get("error_description", "")) if isinstance(doc, dict) else ""
-        summary = f"{error}: {desc}" if desc else error or f"HTTP {status}"
-        if status >= 500 or status == 429:
-            raise TokenUnavailable(
-                f"the authorization server is unavailable (HTTP {status})",
-                route=route,
-                upstream_error=summary,
-            )
-        raise TokenRejected(
-            f"the authorization server refused the token request ({error or status})",
-            route=route,
-            upstream_error=summary,
-        )
+        raise _refusal(status, doc, route, scrub)
     if not isinstance(doc, dict) or not isinstance(doc.get("access_token"), str):
         raise TokenRejected("the authorization server's answer has no access_token", route=route)
     token_type = str(doc.get("token_type", "")).lower()
     if token_type not in ("dpop", "bearer"):
-        raise TokenRejected(f"unsupported token_type {sanitize(token_type)!r}", route=route)
+        # Not echoed: the AS's text is never shown, whatever it holds.
+        raise TokenRejected(
+            "the authorization server answered an unsupported token_type", route=route
+        )
     if dpop and token_type != "dpop":
         # RFC 9449 §5: a Bearer answer means the AS ignored our proof. Fail closed.
         raise TokenRejected(
@@ -200,13 +210,18 @@ def parse_token_response(
             route=route,
         )
     claims = _unverified_claims(value)
-    lifetime = _lifetime(doc, claims)
+    if scrub is not None:  # they reach audit lines: what we sent must not come back in them
+        claims = _scrubbed(claims, scrub)
+    start = now if sent_at is None else min(sent_at, now)
+    lifetime = _lifetime(
+        doc, claims, route=route, wall=time.time() if wall is None else wall, waited=now - start
+    )
     scope = doc.get("scope")
     return AccessToken(
         value=Secret(value),
         token_type="DPoP" if token_type == "dpop" else "Bearer",
-        issued_at=now,
-        expires_at=now + lifetime,
+        issued_at=start,
+        expires_at=start + lifetime,
         scope=tuple(sorted(scope.split())) if isinstance(scope, str) else (),
         claims=claims,
     )
@@ -225,13 +240,116 @@ def _unverified_claims(token: str) -> dict[str, Any]:
     return {k: claims[k] for k in _SAFE_CLAIMS if k in claims}
 
 
-def _lifetime(doc: Mapping[str, Any], claims: Mapping[str, Any]) -> float:
-    expires_in = doc.get("expires_in")
-    if isinstance(expires_in, int | float) and not isinstance(expires_in, bool) and expires_in > 0:
-        return float(expires_in)
-    if isinstance(claims.get("exp"), int | float):
-        return max(0.0, float(claims["exp"]) - time.time())
-    return DEFAULT_LIFETIME
+def _scrubbed(claims: Mapping[str, Any], scrub: Scrubber) -> dict[str, Any]:
+    """String claims (and lists of them) with anything the sidecar sent removed by value."""
+    out: dict[str, Any] = {}
+    for name, value in claims.items():
+        if isinstance(value, str):
+            value = scrub.scrub(value, limit=512)
+        elif isinstance(value, list):
+            value = [scrub.scrub(v, limit=512) if isinstance(v, str) else v for v in value]
+        out[name] = value
+    return out
+
+
+def _refusal(status: int, doc: object, route: str, scrub: Scrubber | None) -> ProxyError:
+    """The app's error for a non-200 answer: the registered ``error`` code only (else
+    ``unknown``); ``error_description`` is kept for the log, scrubbed by value, or dropped."""
+    fields: Mapping[str, Any] = doc if isinstance(doc, dict) else {}
+    code = registered_error(fields.get("error"))
+    description = fields.get("error_description")
+    peer_text = scrub.scrub(description) if scrub and isinstance(description, str) else None
+    if status >= 500 or status == 429:
+        return TokenUnavailable(
+            f"the authorization server is unavailable (HTTP {status})",
+            route=route,
+            upstream_error=code,
+            peer_text=peer_text,
+        )
+    return TokenRejected(
+        f"the authorization server refused the token request ({code}, HTTP {status})",
+        route=route,
+        upstream_error=code,
+        peer_text=peer_text,
+    )
+
+
+def _seconds(value: object) -> float | None:
+    """A JSON number usable as seconds (RFC 6749 §5.1: numbers are JSON numbers), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:  # an integer beyond any float
+        return None
+    return seconds if math.isfinite(seconds) else None
+
+
+def _lifetime(
+    doc: Mapping[str, Any],
+    claims: Mapping[str, Any],
+    *,
+    route: str,
+    wall: float,
+    waited: float = 0.0,
+) -> float:
+    """Seconds from the request's sending to the token's expiry: the earlier of ``expires_in``
+    and the JWT's ``exp``. A present but unusable value (not a number, NaN, <= 0, beyond
+    MAX_LIFETIME) is refused, never replaced by a default; with neither, DEFAULT_LIFETIME."""
+    candidates: list[float] = []
+    if "expires_in" in doc:
+        expires_in = _seconds(doc["expires_in"])
+        if expires_in is None or not 0 < expires_in <= MAX_LIFETIME:
+            raise TokenRejected(
+                "the authorization server's expires_in is not a positive number of seconds "
+                f"up to {MAX_LIFETIME:.0f} (RFC 6749 §5.1); refusing the token",
+                route=route,
+            )
+        candidates.append(expires_in)
+    if "exp" in claims:
+        exp = _seconds(claims["exp"])
+        if exp is None or exp <= wall:
+            raise TokenRejected(
+                "the access token's exp is unreadable or already past (is this host's clock "
+                "right?); refusing the token",
+                route=route,
+            )
+        candidates.append(exp - wall + waited)  # exp, counted from the request's sending
+    lifetime = min(candidates, default=DEFAULT_LIFETIME)
+    if lifetime > MAX_LIFETIME:
+        raise TokenRejected(
+            f"the access token's exp is more than {MAX_LIFETIME:.0f} s away; refusing the token",
+            route=route,
+        )
+    return lifetime
+
+
+@dataclass(frozen=True)
+class FetchOutcome:
+    """How a route's last token request ended: ``ok``, or the error code (never AS text)."""
+
+    ok: bool
+    reason: str
+    ever_ok: bool  # some token request for this route succeeded (since its config was applied)
+
+
+_SENT_FIELDS = ("client_assertion", "subject_token", "assertion", "actor_token")
+
+
+def _sent_values(
+    form: Mapping[str, Any], headers: Mapping[str, str], secret: str | None
+) -> list[str]:
+    """What a token request carries that must never come back out (errors.Scrubber)."""
+    sent = [v for k in _SENT_FIELDS if isinstance(v := form.get(k), str)]
+    if "Authorization" in headers:
+        auth = headers["Authorization"]
+        param = auth.partition(" ")[2]
+        sent += [auth, param]
+        with contextlib.suppress(ValueError):  # Basic: what the base64 carries is sent too
+            sent.append(base64.b64decode(param, validate=True).decode())
+    if secret:
+        sent += [secret, quote(secret, safe="")]  # RFC 6749 §2.3.1 form-encodes it for Basic
+    return sent
 
 
 # -- I/O edge ----------------------------------------------------------------------------------
@@ -283,12 +401,16 @@ class TokenClient:
         *,
         ssl_for: Callable[[AuthorizationServer], ssl.SSLContext],
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
         observe: Callable[[str, str], None] | None = None,
     ) -> None:
         self._observe = observe or (lambda server, outcome: None)
+        self._wall = wall  # epoch seconds, to read a JWT's exp
         self.issued_by: set[str] = set()  # servers that issued at least one token
         self.last_error: dict[str, str] = {}  # server -> why its last request failed
         self._transport = transport
+        # route -> how its last token request ended, for readiness (ops/readiness.py)
+        self.outcomes: dict[str, FetchOutcome] = {}
         self._identity = identity
         self._dpop_key = dpop_key
         self._nonces = nonces
@@ -307,11 +429,26 @@ class TokenClient:
             token = await self._fetch(server, key, route)
         except ProxyError as exc:
             outcome = "unavailable" if exc.status in (503, 504) else "rejected"
-            self.last_error[server.name] = exc.upstream_error or exc.detail
+            # Codes and our own sentences only: never the AS's free text (errors.py).
+            why = exc.upstream_error or exc.code
+            self.last_error[server.name] = why
+            previous = self.outcomes.get(route)
+            self.outcomes[route] = FetchOutcome(False, why, previous.ever_ok if previous else False)
             self._observe(server.name, outcome)
+            if exc.peer_text:
+                log.info(
+                    "authorization server error",
+                    extra={
+                        "authorization_server": server.name,
+                        "route": route,
+                        "error": why,
+                        "description": exc.peer_text,  # scrubbed by value, 200 chars at most
+                    },
+                )
             raise
         self.issued_by.add(server.name)
         self.last_error.pop(server.name, None)
+        self.outcomes[route] = FetchOutcome(True, "ok", True)
         self._observe(server.name, "ok")
         return token
 
@@ -322,24 +459,29 @@ class TokenClient:
         )
         # RFC 6749 §4.4.2 / Appendix B: application/x-www-form-urlencoded, repeated parameters
         # (RFC 8693 resource/audience) as repeated pairs.
-        body = urlencode(token_form(server, key, svid), doseq=True).encode("ascii")
+        form = token_form(server, key, svid)
+        body = urlencode(form, doseq=True).encode("ascii")
         dpop = key.jkt is not None
         origin = _origin(endpoint)
         base_headers = [
             ("Accept", "application/json"),
             ("Content-Type", "application/x-www-form-urlencoded"),
         ]
+        secret: Secret | None = None
         if server.client_auth == "client_secret":
             secret = await self._client_secret(server, route)
             base_headers.append(
                 ("Authorization", basic_credentials(key.client_id, secret.reveal()))
             )
         ssl_context = await self._ssl(server)
+        sent = _sent_values(form, dict(base_headers), secret.reveal() if secret else None)
         for attempt in (1, 2):
             headers = list(base_headers)
             if dpop:
                 proof = self._dpop_key.proof("POST", endpoint, nonce=self._nonces.get(origin))
                 headers.append(("DPoP", proof))
+                sent.append(proof)
+            sent_at = self._clock()  # the token's life is counted from here (not the answer)
             status, answer, nonce = await self._post(
                 server, endpoint, body, headers, route, ssl_context
             )
@@ -355,7 +497,16 @@ class TokenClient:
                 self._observe(server.name, "nonce_retry")
                 continue
             break
-        token = parse_token_response(status, answer, dpop=dpop, route=route, now=self._clock())
+        token = parse_token_response(
+            status,
+            answer,
+            dpop=dpop,
+            route=route,
+            now=self._clock(),
+            sent_at=sent_at,
+            wall=self._wall(),
+            scrub=Scrubber(sent),
+        )
         audit.info(
             "token issued",
             extra={
@@ -398,11 +549,13 @@ class TokenClient:
                 upstream_error=type(exc).__name__,
             ) from exc
 
-    def forget(self, server: str) -> None:
+    def forget(self, server: str, routes: Iterable[str] = ()) -> None:
         """Drop what was learnt about a server (metadata, readiness): its config changed."""
         self._metadata.pop(server, None)
         self.issued_by.discard(server)
         self.last_error.pop(server, None)
+        for route in routes:
+            self.outcomes.pop(route, None)
 
     async def _ssl(self, server: AuthorizationServer) -> ssl.SSLContext:
         """The AS's TLS context; for ``mtls``, one that presents the current X.509-SVID.

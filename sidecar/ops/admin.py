@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 from sidecar.config import Address
 from sidecar.ops.metrics import CONTENT_TYPE
+from sidecar.ops.readiness import Readiness, is_loopback_peer
+from sidecar.ops.readiness import response as readiness_response
 from sidecar.proxy.admission import Admission
 from sidecar.proxy.listener import Listener, Reply, Request
 
@@ -26,11 +28,11 @@ MAX_CONNECTIONS = 64  # kubelet probes and a scraper or two
 JSON = "application/json; charset=utf-8"
 PATHS = ("/healthz", "/readyz", "/metrics")
 
-Readiness = Callable[[], tuple[bool, dict[str, str]]]
+ReadinessNow = Callable[[], Readiness]
 
 
 class Admin:
-    def __init__(self, readiness: Readiness, exposition: Callable[[], bytes]) -> None:
+    def __init__(self, readiness: ReadinessNow, exposition: Callable[[], bytes]) -> None:
         self._readiness = readiness
         self._exposition = exposition
         # The file descriptors the proxy port leaves free are kept for this port (probes must
@@ -58,8 +60,11 @@ class Admin:
             # probe out, which is what liveness should catch.
             _send_json(reply, 200, {"status": "ok"})
         elif path == "/readyz":
-            ready, problems = self._readiness()
-            _send_json(reply, 200 if ready else 503, {"ready": ready, "problems": problems})
+            # Texts for a loopback peer, states for anyone else (ops/readiness.py): injected
+            # pods bind this port on all interfaces so the kubelet can probe it.
+            peer_is_loopback = is_loopback_peer(request.peer_host)
+            status, doc = readiness_response(self._readiness(), peer_is_loopback=peer_is_loopback)
+            _send_json(reply, status, doc)
         else:
             body = self._exposition()
             headers = [("Content-Type", CONTENT_TYPE), ("Content-Length", str(len(body)))]

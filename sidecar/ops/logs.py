@@ -3,6 +3,9 @@
 Fields come from ``extra={...}``; our code never passes a token, proof, key or SVID there. As a
 second line of defence, :class:`RedactingFilter` replaces anything JWT-shaped in any record
 (including third-party library messages) with ``[redacted]``.
+
+The audit (logger ``sidecar.audit``) is a stream of its own: :func:`set_audit` gives it its own
+level, independent of ``log.level``.
 """
 
 from __future__ import annotations
@@ -64,6 +67,15 @@ class ConsoleFormatter(logging.Formatter):
         )
 
 
+AUDIT = "sidecar.audit"
+
+
+def set_audit(enabled: bool) -> None:
+    """The audit is its own stream with its own setting (``audit.enabled``): its logger has a
+    level of its own, so ``log.level: warning`` quiets the operational lines, not the audit."""
+    logging.getLogger(AUDIT).setLevel(logging.INFO if enabled else logging.CRITICAL + 1)
+
+
 def set_level(level: str) -> None:
     """Change the level at runtime (config reload); leaves handlers alone."""
     if logging.getLogger().handlers:
@@ -80,7 +92,7 @@ def set_format(fmt: str) -> None:
             handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
 
 
-def configure(level: str = "info", fmt: str = "json") -> None:
+def configure(level: str = "info", fmt: str = "json", *, audit: bool = True) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.set_name(HANDLER_NAME)
     handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())
@@ -88,4 +100,5 @@ def configure(level: str = "info", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    set_audit(audit)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

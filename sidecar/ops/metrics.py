@@ -92,9 +92,9 @@ class Metrics:
     ) -> None:
         self._stats.record(route, method, status, upstream_seconds)
 
-    def bind(self, sidecar: Sidecar) -> None:
+    def bind(self, sidecar: Sidecar, clock: Callable[[], float] = time.time) -> None:
         """Add the gauges that are read from the sidecar's state at scrape time."""
-        self.registry.register(_StateCollector(sidecar))
+        self.registry.register(_StateCollector(sidecar, clock))
         self.registry.register(_AdmissionCollector(sidecar))
 
     def exposition(self) -> bytes:
@@ -170,17 +170,30 @@ class _StateCollector(Collector):
         events.add_metric(["miss"], cache.misses)
         events.add_metric(["refresh"], cache.refreshes)
         yield events
+        # Series never vanish because their value is bad news: every configured server,
+        # every route and the X.509-SVID always have a sample (docs/operations.md).
         tokens = GaugeMetricFamily(
             "sidecar_token_expiry_seconds",
-            "Seconds until the soonest-expiring cached token of each authorization server.",
+            "Seconds until the soonest-expiring usable token of each authorization server; "
+            "<= 0 when none is usable (minus the seconds since the last expired); NaN when "
+            "idle (every key lapsed).",
             labels=["authorization_server"],
         )
         for server, seconds in sorted(sidecar.token_expiries().items()):
             tokens.add_metric([server], seconds)
         yield tokens
+        routes = GaugeMetricFamily(
+            "sidecar_route_ready",
+            "1 when the route holds a usable token or its last token request succeeded, else 0.",
+            labels=["route"],
+        )
+        for route, state in sorted(sidecar.route_states().items()):
+            routes.add_metric([route], 1.0 if state.ready else 0.0)
+        yield routes
         svids = GaugeMetricFamily(
             "sidecar_svid_expiry_seconds",
-            "Seconds until the current SVID expires (jwt: soonest of the cached JWT-SVIDs).",
+            "Seconds until the SVID held expires, negative past it (x509: 0 until one arrives; "
+            "jwt: the freshest cached JWT-SVID).",
             labels=["type"],
         )
         now = self._clock()
@@ -188,9 +201,18 @@ class _StateCollector(Collector):
         jwt_expiry = identity.jwt_expiry()
         if jwt_expiry is not None:
             svids.add_metric(["jwt"], jwt_expiry - now)
-        if identity.x509 is not None:
-            svids.add_metric(["x509"], identity.x509.expires_at - now)
+        held = identity.held_x509
+        svids.add_metric(["x509"], held.expires_at - now if held is not None else 0.0)
         yield svids
+        workload_api = CounterMetricFamily(
+            "sidecar_workload_api_events",
+            "Workload API events when they happen: stream_broken, reconnect_attempt, "
+            "fetch_failed, svid_expired.",
+            labels=["event"],
+        )
+        for event, count in sorted(identity.events.items()):
+            workload_api.add_metric([event], count)
+        yield workload_api
 
 
 class _AdmissionCollector(Collector):

@@ -111,6 +111,14 @@ class Request:
         self.waiting_since: float | None = None  # the handler waits for body bytes since
 
     @property
+    def peer_host(self) -> str | None:
+        """The connection's peer address (host part), read when asked (the admin port's
+        readiness detail): not on the data path."""
+        transport = self._conn.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        return str(peer[0]) if isinstance(peer, tuple) and peer else None
+
+    @property
     def body_exists(self) -> bool:
         return self.chunked or bool(self.content_length)
 

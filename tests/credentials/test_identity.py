@@ -6,7 +6,7 @@ import asyncio
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -139,3 +139,68 @@ async def test_svid_repr_and_logs_hold_no_token(agent: DevWorkloadApi, logs: Log
     assert token not in repr(svid)
     assert "PRIVATE" not in repr(material)
     assert token not in logs.text()
+
+
+async def _until(predicate: Callable[[], bool], seconds: float = 10.0) -> None:
+    """Until ``predicate`` holds (the gRPC stream runs on a thread); bounded."""
+    async with asyncio.timeout(seconds):
+        # The state is set from the gRPC stream's thread (via the loop): no event to await.
+        while not predicate():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+async def test_an_expired_x509_svid_is_never_presented_and_the_break_is_reported_at_once(
+    agent: DevWorkloadApi, logs: LogCapture
+) -> None:
+    agent.start()
+    clock = Clock()
+    identity = WorkloadIdentity(agent.address, clock=clock, timeout=2.0)
+    try:
+        material = await identity.x509_svid()
+        assert identity.problem(need_x509=True) is None
+        agent.set_available(False)  # the agent goes away: the stream breaks now
+        await _until(lambda: identity.events["stream_broken"] == 1)
+        assert lines(logs, "Workload API stream broken; reconnecting") == 1
+        assert identity.x509 is material  # still valid: still presented
+        clock.now = material.expires_at  # its notAfter, the agent still gone
+        assert identity.x509 is None
+        assert identity.held_x509 is material  # what is held (the gauge reports it)
+        for _ in range(3):
+            with pytest.raises(IdentityUnavailable) as info:
+                await identity.x509_svid()
+            assert info.value.retry_after is not None
+            assert info.value.status == 503
+        problem = identity.problem(need_x509=True)
+        assert problem is not None
+        assert problem[0] == "expired"
+        assert "expired" in problem[1]
+        assert lines(logs, "X.509-SVID expired; not presenting it") == 1  # once, not per call
+        assert identity.events["svid_expired"] == 1
+        await _until(lambda: identity.events["reconnect_attempt"] >= 1)
+        assert lines(logs, "Workload API stream broken; reconnecting") == 1  # no log per retry
+
+        clock.now = time.time()
+        agent.set_available(True)
+        fresh = agent.rotate_x509()
+        await _until(lambda: identity.x509 is not None and identity.x509 is not material)
+        assert identity.problem(need_x509=True) is None
+        assert fresh is not None
+    finally:
+        await identity.close()
+
+
+async def test_an_expired_jwt_svid_is_never_presented(agent: DevWorkloadApi) -> None:
+    agent.start()
+    clock = Clock()
+    identity = WorkloadIdentity(agent.address, clock=clock, timeout=2.0)
+    try:
+        first = await identity.jwt_svid(AUDIENCE)
+        agent.set_available(False)
+        clock.now = first.expires_at
+        with pytest.raises(IdentityUnavailable) as info:
+            await identity.jwt_svid(AUDIENCE)
+        assert info.value.retry_after is not None
+        assert identity.events["fetch_failed"] == 1
+        assert identity.problem(need_x509=False) is not None
+    finally:
+        await identity.close()

@@ -47,7 +47,15 @@ async def test_readiness_flips_with_the_as_and_the_svid(stack: DevStack) -> None
         async with AppClient(sidecar) as app:
             assert (await app.request("GET", URL))[0] == 200
         status, body = await admin_get(sidecar, "/readyz")
-        assert (status, body) == (200, {"ready": True, "problems": {}})
+        assert (status, body) == (
+            200,
+            {
+                "ready": True,
+                "problems": {},
+                "identity": "ready",
+                "routes": {"saas": {"state": "ready", "reason": "holds a usable token"}},
+            },
+        )
         # The SPIRE agent goes away and an SVID refresh fails: not ready.
         stack.workload_api.set_available(False)
         with pytest.raises(IdentityUnavailable):

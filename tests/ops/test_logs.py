@@ -1,0 +1,58 @@
+"""The audit is its own stream: ``log.level: warning`` does not silence it; ``audit.enabled``
+does."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from sidecar import config
+from sidecar.devstack.stack import SAAS_HOST, DevStack
+from sidecar.ops import logs as logs_module
+from sidecar.runtime import Sidecar
+from tests.conftest import AppClient, LogCapture
+
+URL = f"http://{SAAS_HOST}/v1/invoices"
+
+
+@pytest.fixture
+def restore_levels() -> Iterator[None]:
+    audit = logging.getLogger(logs_module.AUDIT)
+    before = audit.level
+    yield
+    audit.setLevel(before)
+
+
+def audited(logs: LogCapture) -> list[str]:
+    return [r.getMessage() for r in logs.records if r.name == "sidecar.audit"]
+
+
+@pytest.mark.usefixtures("restore_levels")
+@pytest.mark.parametrize("enabled", [True, False])
+async def test_the_audit_follows_its_own_setting_not_log_level(
+    stack: DevStack, logs: LogCapture, enabled: bool
+) -> None:
+    doc = stack.sidecar_config(log={"level": "warning"}, audit={"enabled": enabled})
+    cfg = config.parse(doc)
+    assert (cfg.log_level, cfg.audit) == ("warning", enabled)
+    logging.getLogger().setLevel(logging.WARNING)  # as logs.configure() would for log.level
+    async with Sidecar(cfg, grace=5.0) as sidecar, AppClient(sidecar) as app:
+        assert (await app.request("GET", URL))[0] == 200
+    messages = audited(logs)
+    if enabled:
+        assert "request" in messages
+        assert "token issued" in messages
+    else:
+        assert messages == []
+    assert not any(r.levelno < logging.WARNING and r.name != "sidecar.audit" for r in logs.records)
+
+
+@pytest.mark.usefixtures("restore_levels")
+def test_set_audit_is_independent_of_the_root_level() -> None:
+    logging.getLogger().setLevel(logging.ERROR)
+    logs_module.set_audit(True)
+    assert logging.getLogger(logs_module.AUDIT).isEnabledFor(logging.INFO)
+    logs_module.set_audit(False)
+    assert not logging.getLogger(logs_module.AUDIT).isEnabledFor(logging.CRITICAL)

@@ -145,7 +145,8 @@ class Sidecar:
         if servers:
             log.info("waiting for SVID", extra={"socket": config.spiffe_socket})
             self._prefetching = self._background.spawn(self._warm_up(), name="warm-up")
-            self._background.spawn(cache.run(), name="token refresh timer")
+        # Always: a reload may add the first authorization server.
+        self._background.spawn(cache.run(), name="token refresh timer")
         self.proxy_address = await self.listener.start(config.listen, reuse_port=self._reuse_port)
         for port, route in self.snapshot.routing.local_ports.items():
             address = Address(config.listen.host, port)

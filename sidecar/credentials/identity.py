@@ -199,7 +199,9 @@ class WorkloadIdentity:
     def problem(self, *, need_x509: bool) -> tuple[str, str] | None:
         """(state, reason) when the identity cannot be used now, else None (for readiness)."""
         held = self.held_x509
-        if held is not None and self._clock() >= held.expires_at and (need_x509 or self.x509):
+        # Reading x509 logs and counts an expiry once, whatever the client auth; only routes
+        # that present it (mtls) make the identity unusable.
+        if held is not None and self.x509 is None and need_x509:
             return "expired", (
                 f"the X.509-SVID expired at {_utc(held.expires_at)} and the Workload API at "
                 f"{self.address} has not delivered a new one"

@@ -39,6 +39,10 @@ READINESS_POLICIES: tuple[ReadinessPolicy, ...] = ("startup", "strict")
 CLIENT_AUTHS: tuple[ClientAuth, ...] = ("jwt_svid", "jwt_bearer", "mtls", "client_secret", "none")
 GRANTS: tuple[Grant, ...] = ("client_credentials", "token_exchange", "jwt_bearer")
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE"})
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})  # RFC 9110 §9.2.1
+_METHOD_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 §9.1: method = token
+MethodOverride = Literal["refuse", "strip", "honour"]
+CLEARTEXT_FLAG = "allow_cleartext_development_only"
 _HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 §3.3 scope-token
 
@@ -76,6 +80,7 @@ class AuthorizationServer:
     client_secret_file: Path | None = None  # client_auth: client_secret
     subject_token_type: str = "urn:ietf:params:oauth:token-type:jwt"  # grant: token_exchange
     requested_token_type: str | None = None  # grant: token_exchange; sent only when set
+    allow_cleartext: bool = False  # allow_cleartext_development_only: http:// issuer/endpoint
 
     @property
     def jwt_svid_audience(self) -> str:
@@ -114,6 +119,9 @@ class Destination:
     tunnel: bool = False  # CONNECT to this host: a blind TCP tunnel, no credential
     tunnel_ports: tuple[int, ...] = (443,)
     local_port: int | None = None  # origin-form requests on 127.0.0.1:<local_port> go here
+    method_override: MethodOverride = "refuse"  # X-HTTP-Method-Override & co., _method=
+    raw_paths: bool = False  # forward encoded dots/slashes as sent (only literal '..' refused)
+    allow_cleartext: bool = False  # allow_cleartext_development_only: an http:// upstream
 
 
 @dataclass(frozen=True)
@@ -169,7 +177,7 @@ class _Node:
         for key in self.value:
             if key not in allowed:
                 hint = ", ".join(sorted(allowed))
-                self.problem(f"unknown key {key!r} (allowed: {hint})", _join(self.path, str(key)))
+                self.problem(f"unknown key (allowed: {hint})", _join(self.path, _key(key)))
         return True
 
     def items(self) -> Iterator[_Node]:
@@ -199,7 +207,7 @@ class _Node:
         value = self.get(key, str, default)
         assert value is not None
         if value not in options:
-            self.child(key).problem(f"must be one of {', '.join(options)}; got {value!r}")
+            self.child(key).problem(f"must be one of {', '.join(options)}")
             return default
         return value
 
@@ -211,6 +219,14 @@ class _Node:
         return value
 
 
+def _key(key: object) -> str:
+    """A key as a path part: printable and short (a mis-indented secret can become a key)."""
+    text = str(key)
+    if len(text) > 40 or not re.fullmatch(r"[A-Za-z0-9_.-]+", text):
+        return "<key>"
+    return text
+
+
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 
@@ -219,10 +235,19 @@ def _kind(value: object) -> str:
     return "nothing" if value is None else type(value).__name__
 
 
-def _https_url(value: str, *, allow_path: bool = True) -> str | None:
-    parts = urlsplit(value)
+def _https_url(value: str, *, allow_path: bool = True, cleartext: bool = False) -> str | None:
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        return "must be an absolute http(s) URL (https; http only for development, see below)"
+    if parts.scheme == "http" and not cleartext:
+        return (
+            "http:// sends tokens, proofs and client assertions unencrypted: use https, or set "
+            f"{CLEARTEXT_FLAG}: true beside it for a development setup"
+        )
     if parts.scheme not in ("https", "http") or not parts.hostname:
-        return "must be an absolute http(s) URL"
+        return "must be an absolute http(s) URL (https; http only for development, see below)"
     if parts.fragment or parts.query:
         return "must not have a query or fragment"
     if parts.username or parts.password:
@@ -250,6 +275,8 @@ def _host_pattern(value: str) -> str | None:
     labels = host.split(".")
     if not all(_HOST_LABEL.match(label) for label in labels):
         return "must be a lower-case host name (or '*.' followed by one), without port or scheme"
+    if labels[-1].isdigit():
+        return "a host name cannot end in a numeric label (it would read as an IPv4 address)"
     return None
 
 
@@ -265,7 +292,7 @@ def _address(
     host = host.strip("[]")
     if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         where = f"(from ${variable}) " if override else ""
-        node.child(key).problem(f"{where}must be host:port, got {text!r}")
+        node.child(key).problem(f"{where}must be host:port")
         return None
     return Address(host, int(port_text))
 
@@ -299,8 +326,8 @@ def _rule(node: _Node) -> ScopeRule | None:
     if node.child("methods").value is not None:
         for item in node.child("methods").items():
             method = item.value.upper() if isinstance(item.value, str) else None
-            if method not in HTTP_METHODS:
-                item.problem(f"must be an HTTP method ({', '.join(sorted(HTTP_METHODS))})")
+            if method is None or not _METHOD_TOKEN.match(method):
+                item.problem("must be an HTTP method (an RFC 9110 token such as GET or PROPFIND)")
             else:
                 methods.add(method)
     paths = tuple(p for p in map(_glob, node.child("paths").items()) if p)
@@ -325,11 +352,13 @@ def _authorization_server(name: str, node: _Node, base: Path) -> AuthorizationSe
         "client_secret_file",
         "subject_token_type",
         "requested_token_type",
+        CLEARTEXT_FLAG,
     }
     if not node.mapping(keys):
         return None
-    issuer = node.check("issuer", _https_url)
-    token_endpoint = node.check("token_endpoint", _https_url)
+    cleartext = bool(node.get(CLEARTEXT_FLAG, bool, False))
+    issuer = node.check("issuer", lambda v: _https_url(v, cleartext=cleartext))
+    token_endpoint = node.check("token_endpoint", lambda v: _https_url(v, cleartext=cleartext))
     if (
         issuer is None
         and token_endpoint is None
@@ -366,6 +395,7 @@ def _authorization_server(name: str, node: _Node, base: Path) -> AuthorizationSe
         subject_token_type=node.get("subject_token_type", str)
         or "urn:ietf:params:oauth:token-type:jwt",
         requested_token_type=node.get("requested_token_type", str),
+        allow_cleartext=cleartext,
     )
 
 
@@ -405,13 +435,19 @@ def _destination(node: _Node, servers: Mapping[str, object], base: Path) -> Dest
         "tunnel",
         "tunnel_ports",
         "local_port",
+        "method_override",
+        "raw_paths",
+        CLEARTEXT_FLAG,
     }
     if not node.mapping(keys):
         return None
     host = node.check("host", _host_pattern)
     if node.child("host").value is None:
         node.child("host").problem("is required")
-    upstream = node.check("upstream", lambda v: _https_url(v, allow_path=False))
+    cleartext = bool(node.get(CLEARTEXT_FLAG, bool, False))
+    upstream = node.check(
+        "upstream", lambda v: _https_url(v, allow_path=False, cleartext=cleartext)
+    )
     tunnel = bool(node.get("tunnel", bool, False))
     as_name = node.get("authorization_server", str, required=not tunnel)
     if tunnel:
@@ -457,6 +493,11 @@ def _destination(node: _Node, servers: Mapping[str, object], base: Path) -> Dest
         tunnel=tunnel,
         tunnel_ports=_ports(node.child("tunnel_ports")) if tunnel else (443,),
         local_port=_port_like(node, "local_port", None, 1, 65535),
+        method_override=node.choice(  # type: ignore[arg-type]
+            "method_override", ("refuse", "strip", "honour"), "refuse"
+        ),
+        raw_paths=bool(node.get("raw_paths", bool, False)),
+        allow_cleartext=cleartext,
     )
 
 
@@ -641,6 +682,23 @@ def _parse(root: _Node, source: Path | None, env: Mapping[str, str], base: Path)
     )
 
 
+def cleartext_settings(cfg: Config) -> list[str]:
+    """The YAML paths of http:// URLs a development-only flag allowed (warned at every start
+    and reload: tokens, proofs or client assertions travel over them unencrypted)."""
+    found = [
+        f"authorization_servers.{name}.{key}"
+        for name, server in cfg.authorization_servers.items()
+        for key in ("issuer", "token_endpoint")
+        if (getattr(server, key) or "").lower().startswith("http://")
+    ]
+    found += [
+        f"destinations[{index}].upstream"
+        for index, dest in enumerate(cfg.destinations)
+        if dest.upstream.lower().startswith("http://")
+    ]
+    return found
+
+
 def yaml_problem(exc: yaml.YAMLError) -> str:
     """Where and what, without quoting the document (it may hold secrets next to the error)."""
     mark = getattr(exc, "problem_mark", None)
@@ -656,12 +714,28 @@ def load(path: Path | str | None = None, *, env: Mapping[str, str] | None = None
         raise ConfigError([f"no config file: pass --config or set ${ENV_CONFIG}"])
     file = Path(chosen)
     try:
-        text = file.read_text(encoding="utf-8")
+        data = file.read_bytes()
     except OSError as exc:
         raise ConfigError([f"{file}: cannot read ({exc.strerror})"]) from exc
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"{file}:{yaml_problem(exc)}"]) from exc
+    doc = parse_document(data, str(file))
     # absolute(), not resolve(): a ConfigMap mount is a symlink that is swapped on update.
     return parse(doc, source=file.absolute(), env=env)
+
+
+def parse_document(data: bytes, where: str) -> object:
+    """YAML bytes -> a document, or a ConfigError with one line that quotes nothing of it."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            [f"{where}: not UTF-8 text (invalid byte at offset {exc.start})"]
+        ) from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{where}:{yaml_problem(exc)}"]) from exc
+    except RecursionError as exc:
+        raise ConfigError([f"{where}: not a usable config (nested too deeply)"]) from exc
+    except (ValueError, TypeError, OverflowError, MemoryError) as exc:
+        # PyYAML's constructors raise these for values such as an impossible date.
+        raise ConfigError([f"{where}: not a usable config ({type(exc).__name__})"]) from exc

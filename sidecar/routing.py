@@ -13,18 +13,31 @@ matches one of its ``paths`` globs (``*`` = one segment, ``**`` = any number of 
 several rules apply, the most specific wins, compared in this order:
   1. more literal path segments;      2. fewer ``**``;      3. fewer ``*``;
   4. a rule that lists methods beats one that does not;      5. the earlier rule in the file.
-Scopes are matched against the path as sent (no percent-decoding); paths with dot-segments are
-refused, so a rule cannot be side-stepped with ``/a/../b``.
+Scopes are matched against the path as sent (no percent-decoding). Paths the upstream could read
+as another resource are refused (:func:`path_problem`), so a rule cannot be side-stepped with
+``/a/../b``, ``/a/%2e%2e/b``, ``/a/..;/b`` or ``/a%2fb``.
+
+Hosts (:func:`parse_target`, CONNECT authorities too) are parsed once into a validated value: a
+sequence of DNS labels (LDH, 1-63 octets each, at most 253 in all, IDNA A-labels that decode),
+an IPv4 dotted quad or a bracketed IPv6 literal; anything else is a 400. A trailing dot (an
+absolute name) is removed once: ``api.example.`` is ``api.example``. The origin a request is
+dialled at (:meth:`Route.dial`) is derived from structured parts (the route's parsed upstream,
+or the validated requested host), never from a URL string rebuilt from app input.
+
+Method overrides (``X-HTTP-Method-Override`` and kin, ``_method=`` in the query) would let the
+upstream act on a method the scopes were not chosen for: refused by default (per route:
+``method_override: strip`` removes them, ``honour`` scopes on the overriding method).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import NamedTuple
+from urllib.parse import unquote, unquote_plus, urlsplit
 
 from sidecar.config import AuthorizationServer, Config, Destination, ScopeRule
 from sidecar.errors import (
@@ -37,6 +50,19 @@ from sidecar.errors import (
 
 _DOT_SEGMENT = re.compile(r"(^|/)(\.|%2e){1,2}(/|$)", re.IGNORECASE)
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")  # RFC 1123 §2.1 LDH label
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 §5.6.2 token (a method)
+_ENCODED_SLASH = re.compile(r"%(?:2f|5c)", re.IGNORECASE)
+_ENCODED_CONTROL = re.compile(r"%(?:0[0-9a-f]|1[0-9a-f]|7f)", re.IGNORECASE)
+_PATH_SUSPECT = frozenset(".%\\;")
+_DECODE_LAYERS = 3  # %2e, %252e, %25252e; a path still encoded after that is refused
+_QUERY_SEPARATOR = re.compile(r"([&;])")
+_METHOD_PARAM = re.compile(r"(?:^|[&;])_method(?:[=&;\[]|$)", re.IGNORECASE)
+OVERRIDE_METHOD_HEADERS = frozenset(
+    {"x-http-method-override", "x-http-method", "x-method-override"}
+)
+OVERRIDE_URL_HEADERS = frozenset({"x-original-url", "x-rewrite-url"})
+OVERRIDE_HEADERS = OVERRIDE_METHOD_HEADERS | OVERRIDE_URL_HEADERS
 
 
 class Target(NamedTuple):
@@ -44,10 +70,24 @@ class Target(NamedTuple):
     which costs a fraction of a frozen dataclass to build.)"""
 
     scheme: str
-    host: str  # lower-case; IPv6 without brackets
+    host: str  # validated (see valid_host): lower-case labels, or an IP literal unbracketed
     port: int
     path: str  # raw, as sent (percent-encoding kept)
     query: str  # raw, without '?'; '' when absent
+
+
+class Dial(NamedTuple):
+    """The origin a request is sent to, from structured parts only."""
+
+    scheme: str
+    host: str  # without brackets
+    port: int
+    explicit_port: int | None  # as written in the upstream (htu keeps it), None: the default
+    netloc: str  # the Host header: host[:port], IPv6 bracketed
+
+    @property
+    def text(self) -> str:
+        return f"{self.scheme}://{self.netloc}"
 
 
 def parse_target(raw_target: str) -> Target:
@@ -68,35 +108,117 @@ def parse_target(raw_target: str) -> Target:
             raise BadRequest(
                 "send plain http:// URLs to the sidecar: it opens TLS to the real API itself"
             )
-    authority, slash, path_query = rest.partition("/")
-    path, _, query = ("/" + path_query if slash else "/").partition("?")
     if "#" in raw_target:
         raise BadRequest("the request target must not contain a fragment")
+    # The authority ends at the first '/'. A '?' (or any other character) before it is not
+    # read as the start of a query: it makes the host invalid, and the request a 400.
+    authority, slash, path_query = rest.partition("/")
+    path, _, query = ("/" + path_query if slash else "/").partition("?")
     if "@" in authority:
         raise BadRequest("URLs with credentials (user:password@host) are refused")
-    host, port = _split_authority(authority, _DEFAULT_PORTS[scheme])
+    host, port = split_authority(authority, _DEFAULT_PORTS[scheme])
     return Target(scheme, host, port, path, query)
 
 
-def _split_authority(authority: str, default_port: int) -> tuple[str, int]:
+def split_authority(authority: str, default_port: int) -> tuple[str, int]:
+    """``host[:port]`` -> (validated host, port); a 400 for anything else."""
     if authority.startswith("["):
         host, bracket, port_text = authority[1:].partition("]")
         if not bracket or (port_text and not port_text.startswith(":")):
             raise BadRequest("malformed IPv6 host in the request target")
         port_text = port_text[1:]
+        if "%" in host or not host.isascii():  # zone ids name an interface: not ours to pick
+            raise BadRequest("malformed IPv6 host in the request target")
         try:
-            ipaddress.IPv6Address(host)
+            host = str(ipaddress.IPv6Address(host))
         except ValueError as exc:
             raise BadRequest("malformed IPv6 host in the request target") from exc
     else:
         host, _, port_text = authority.partition(":")
-    if not host:
-        raise BadRequest("the request target has no host")
+        host = valid_host(host)
     if not port_text:
-        return host.lower().rstrip("."), default_port
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        return host, default_port
+    if not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5):
         raise BadRequest("the request target has an invalid port")
-    return host.lower().rstrip("."), int(port_text)
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise BadRequest("the request target has an invalid port")
+    return host, port
+
+
+def valid_host(text: str) -> str:
+    """A host name as DNS labels (lower-case, no trailing dot) or an IPv4 dotted quad; else 400.
+    The value is never echoed: it is the app's, and may be hostile."""
+    if not text:
+        raise BadRequest("the request target has no host")
+    if not text.isascii():
+        raise BadRequest(
+            "the host is not ASCII: send an internationalised name in its IDNA A-label form "
+            "(xn--...)"
+        )
+    host = text.lower()
+    if host.endswith("."):
+        host = host[:-1]  # an absolute name: the same host (only one dot is removed)
+    labels = host.split(".")
+    if len(host) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        raise BadRequest(
+            "the host is not a valid DNS name (letters, digits and '-' in dot-separated labels "
+            "of 1-63 characters) or IP address"
+        )
+    if labels[-1].isdigit():
+        # A name ending in a number is an IPv4 literal to resolvers and URL parsers
+        # (inet_aton reads 167772161, 0x7f.1 and 010.0.0.1 as addresses): only the dotted quad.
+        try:
+            return str(ipaddress.IPv4Address(host))
+        except ValueError as exc:
+            raise BadRequest("a numeric host must be an IPv4 dotted quad (a.b.c.d)") from exc
+    for label in labels:
+        if label.startswith("xn--"):
+            try:
+                label[4:].encode("ascii").decode("punycode")
+            except UnicodeError as exc:
+                raise BadRequest("the host has an invalid IDNA A-label (xn--...)") from exc
+        elif label[2:4] == "--":
+            raise BadRequest("the host has a reserved label (two hyphens at positions 3-4)")
+    return host
+
+
+def is_ip_literal(host: str) -> bool:
+    """For a host from :func:`valid_host` or an IPv6 literal: is it an address, not a name."""
+    return ":" in host or host[-1].isdigit()
+
+
+def path_problem(path: str, *, raw: bool = False) -> str | None:
+    """Why a path could name another resource at the upstream than the one scoped, or None.
+
+    Like Envoy's ``normalize_path`` with ``path_with_escaped_slashes_action: REJECT_REQUEST``:
+    the path and each percent-decoded layer of it (``%252e`` is ``%2e`` is ``.``) must hold no
+    dot segment (RFC 3986 §5.2.4), also not with ``;`` parameters (``..;/``: Tomcat) or made
+    only of dots and spaces (Windows trims them), no encoded slash or backslash, no raw
+    backslash (IIS reads it as ``/``) and no encoded control character. ``raw``: the route
+    keeps paths as sent; only the literal dot segments are refused.
+    """
+    if raw:
+        return "a '.' or '..' segment" if _DOT_SEGMENT.search(path) else None
+    layer = path
+    for _ in range(_DECODE_LAYERS + 1):
+        if "\\" in layer:
+            return "a backslash (raw or encoded)"
+        for segment in layer.split("/"):
+            name = segment.split(";", 1)[0]
+            if name and "." in name and not name.strip(". "):
+                return "a dot segment (raw, encoded, or with ';' parameters)"
+        if "%" not in layer:
+            return None
+        if _ENCODED_SLASH.search(layer):
+            return "an encoded slash or backslash (%2F, %5C)"
+        if _ENCODED_CONTROL.search(layer):
+            return "an encoded control character"
+        decoded = unquote(layer, errors="surrogateescape")
+        if decoded == layer:
+            return None
+        layer = decoded
+    return "percent-encoding nested too deeply"
 
 
 @dataclass(frozen=True)
@@ -130,16 +252,24 @@ class Route:
     server: AuthorizationServer
     rules: tuple[_CompiledRule, ...]
     name: str = field(init=False)  # the destination's: read on every request
+    upstream: Dial | None = field(init=False)  # the configured upstream, parsed once
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "name", self.destination.name)
+        object.__setattr__(self, "upstream", _configured_upstream(self.destination.upstream))
+
+    def dial(self, target: Target) -> Dial:
+        """Where to send a request for ``target``: the configured upstream, else the requested
+        host (validated by :func:`parse_target`, never a name rebuilt from a string) over TLS
+        on 443."""
+        if self.upstream is not None:
+            return self.upstream
+        host = target.host
+        return Dial("https", host, 443, None, f"[{host}]" if ":" in host else host)
 
     def upstream_origin(self, target: Target) -> str:
-        """scheme://host[:port] to dial; without ``upstream``, the requested host over TLS."""
-        if self.destination.upstream:
-            return self.destination.upstream
-        host = f"[{target.host}]" if ":" in target.host else target.host
-        return f"https://{host}"
+        """scheme://host[:port] dialled for ``target`` (for display: ``explain``, the demo)."""
+        return self.dial(target).text
 
     def _best_rule(self, method: str, path: str) -> _CompiledRule | None:
         best: _CompiledRule | None = None
@@ -191,6 +321,17 @@ class Route:
         )
 
 
+def _configured_upstream(text: str) -> Dial | None:
+    """The route's ``upstream`` (validated by the config loader: an origin, no path) as parts."""
+    if not text:
+        return None
+    parts = urlsplit(text)
+    scheme = parts.scheme.lower()
+    host = parts.hostname or ""
+    explicit = parts.port
+    return Dial(scheme, host, explicit or _DEFAULT_PORTS[scheme], explicit, parts.netloc)
+
+
 def compile_route(destination: Destination, server: AuthorizationServer) -> Route:
     rules = tuple(
         _CompiledRule(rule, tuple(_compile_glob(p) for p in rule.paths), _specificity(rule, i))
@@ -203,6 +344,8 @@ class Resolved(NamedTuple):
     route: Route
     target: Target
     scopes: tuple[str, ...]
+    strip_overrides: bool = False  # method_override: strip; the forwarder drops the headers
+    method: str = ""  # the method the scopes were chosen for (honour: the overriding one)
 
 
 class RoutingTable:
@@ -238,12 +381,17 @@ class RoutingTable:
         return self._routes
 
     def match(self, host: str) -> Route | None:
+        """The route for a validated host: exact, else ``*.suffix`` for names (an IP literal
+        only matches an exact route)."""
         route = self._exact.get(host)
-        if route is None and "." in host:
+        if route is None and "." in host and not is_ip_literal(host):
             route = self._wildcard.get(host.split(".", 1)[1])
         return route
 
-    def resolve(self, method: str, raw_target: str) -> Resolved:
+    def resolve(
+        self, method: str, raw_target: str, overrides: Sequence[tuple[str, str]] = ()
+    ) -> Resolved:
+        """``overrides``: the app's method-override headers (lower-case name, value), if any."""
         target = parse_target(raw_target)
         route = self.match(target.host)
         if route is None:
@@ -256,9 +404,17 @@ class RoutingTable:
                 f"{target.host} is not a configured destination; the sidecar denies unknown "
                 "destinations (add a route under 'destinations' in the config)"
             )
-        return self._resolved(route, method, target)
+        if route.upstream is None and route.destination.host != target.host:
+            _check_synthesised(target.host, route.name)
+        return self._resolved(route, method, target, overrides)
 
-    def resolve_local(self, local_port: int, method: str, raw_target: str) -> Resolved:
+    def resolve_local(
+        self,
+        local_port: int,
+        method: str,
+        raw_target: str,
+        overrides: Sequence[tuple[str, str]] = (),
+    ) -> Resolved:
         """An origin-form request on a route's own ``local_port``: any Host, that route."""
         route = self.local_ports[local_port]
         if not raw_target.startswith("/"):
@@ -277,14 +433,18 @@ class RoutingTable:
                 route=route.name,
             )
         target = Target("http", host, 80, path, query)
-        return self._resolved(route, method, target)
+        return self._resolved(route, method, target, overrides)
 
     def tunnel_for(self, authority: str) -> tuple[Destination, str, int]:
         """The tunnel route for a CONNECT ``host:port``, or a 403 that says why not."""
-        host, port = _split_authority(authority, 0)
+        if "@" in authority or "/" in authority:
+            raise BadRequest("CONNECT needs host:port")
+        host, port = split_authority(authority, 0)
         if port == 0:
             raise BadRequest("CONNECT needs host:port")
         dest = self._tunnel_match(host)
+        if dest is not None and dest.host != host:
+            _check_synthesised(host, dest.name)
         if dest is None:
             routed = " (it is routed for plain http:// requests)" if self.match(host) else ""
             raise UnknownDestination(
@@ -300,12 +460,91 @@ class RoutingTable:
 
     def _tunnel_match(self, host: str) -> Destination | None:
         dest = self._tunnels.get(host)
-        if dest is None and "." in host:
+        if dest is None and "." in host and not is_ip_literal(host):
             dest = self._tunnels.get("*." + host.split(".", 1)[1])
         return dest
 
-    def _resolved(self, route: Route, method: str, target: Target) -> Resolved:
+    def _resolved(
+        self,
+        route: Route,
+        method: str,
+        target: Target,
+        overrides: Sequence[tuple[str, str]],
+    ) -> Resolved:
         path = target.path
-        if ("." in path or "%" in path) and _DOT_SEGMENT.search(path):
-            raise BadRequest("paths with '.' or '..' segments are refused", route=route.name)
-        return Resolved(route, target, route.scopes_for(method, target.path))
+        dest = route.destination
+        if not _PATH_SUSPECT.isdisjoint(path):  # the usual path has none: no work
+            problem = path_problem(path, raw=dest.raw_paths)
+            if problem is not None:
+                raise BadRequest(
+                    f"the path has {problem}: the upstream could read it as another resource "
+                    "than the one the scopes were chosen for, so it is refused",
+                    route=route.name,
+                )
+        strip = False
+        query = target.query
+        if overrides or (query and _METHOD_PARAM.search(_decoded_query(query))):
+            method, target, strip = _method_override(route, method, target, overrides)
+        return Resolved(route, target, route.scopes_for(method, path), strip, method)
+
+
+def _check_synthesised(host: str, route: str) -> None:
+    """A wildcard route dials the requested host itself: it must be a name, and its own label
+    must not be numeric (``167772161.wild.test`` is an address to some resolvers)."""
+    if is_ip_literal(host) or host.split(".", 1)[0].isdigit():
+        raise BadRequest(
+            "a wildcard route dials the requested host: it must be a DNS name whose first label "
+            "is not a number",
+            route=route,
+        )
+
+
+def _decoded_query(query: str) -> str:
+    return unquote_plus(query, errors="surrogateescape") if "%" in query else query
+
+
+def _query_override(query: str) -> tuple[list[str], str]:
+    """The ``_method`` values in a query, and the query without them (``&`` and ``;`` both
+    separate parameters: some frameworks read either)."""
+    values: list[str] = []
+    kept: list[str] = []
+    for item in _QUERY_SEPARATOR.split(query):
+        if item in ("&", ";"):
+            kept.append(item)
+            continue
+        name, _, value = item.partition("=")
+        if _METHOD_PARAM.match(_decoded_query(name)):
+            values.append(_decoded_query(value))
+            if kept:
+                kept.pop()  # its separator goes with it
+        else:
+            kept.append(item)
+    return values, "".join(kept).strip("&;")
+
+
+def _method_override(
+    route: Route, method: str, target: Target, overrides: Sequence[tuple[str, str]]
+) -> tuple[str, Target, bool]:
+    """Apply the route's ``method_override`` policy: (method to scope on, target, strip)."""
+    policy = route.destination.method_override
+    values, stripped_query = _query_override(target.query)
+    names = sorted({name for name, _ in overrides} | ({"_method"} if values else set()))
+    if policy == "strip":
+        return method, target._replace(query=stripped_query), True
+    if policy == "honour" and not any(n in OVERRIDE_URL_HEADERS for n in names):
+        chosen = {v.strip().upper() for n, v in overrides if n in OVERRIDE_METHOD_HEADERS}
+        chosen.update(v.strip().upper() for v in values)
+        if len(chosen) == 1:
+            (override,) = chosen
+            if _TOKEN.fullmatch(override):
+                return override, target, False
+        raise BadRequest(
+            f"the method override ({', '.join(names)}) must name exactly one valid method",
+            route=route.name,
+        )
+    raise BadRequest(
+        f"method or URL override refused ({', '.join(names)}): the upstream could act on another "
+        "method or path than the one the scopes were chosen for (the route's method_override "
+        "option can strip or honour them)",
+        route=route.name,
+    )

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sidecar.config import Address, AuthorizationServer, Config
+from sidecar.config import Address, AuthorizationServer, Config, cleartext_settings
 from sidecar.config import load as load_config
 from sidecar.credentials.broker import Credentials
 from sidecar.credentials.dpop import DpopKey, NonceStore
@@ -48,6 +48,14 @@ class Snapshot:
     config: Config
     routing: RoutingTable
     tls: ContextCache = field(repr=False)
+
+
+def _warn_cleartext(config: Config) -> None:
+    for setting in cleartext_settings(config):
+        log.warning(
+            "DEVELOPMENT ONLY: cleartext http:// allowed; credentials travel unencrypted",
+            extra={"setting": setting},
+        )
 
 
 def build_snapshot(config: Config) -> Snapshot:
@@ -106,6 +114,7 @@ class Sidecar:
             "config loaded",
             extra={"source": str(config.source), "routes": len(config.destinations)},
         )
+        _warn_cleartext(config)
         # Authorization servers are named by the operator's config, not by the app: they are
         # dialled wherever their names resolve, loopback included (node-local IdPs, tests).
         # The SSRF guard is for the upstreams an app's request picks (see proxy/upstream.py).
@@ -154,7 +163,12 @@ class Sidecar:
                 address, reuse_port=self._reuse_port
             )
         if config.watch and config.source is not None:
-            watcher = ConfigWatcher(config.source, config.watch_interval, self.reload)
+            watcher = ConfigWatcher(
+                config.source,
+                config.watch_interval,
+                self.reload,
+                on_failure=self.metrics.reloads.labels("failure").inc,
+            )
             await watcher.baseline()  # before start() returns: no change can slip past
             self._watch(watcher)
         log.info(
@@ -242,6 +256,13 @@ class Sidecar:
                     extra={"source": str(source), "error": f"{type(exc).__name__}: {exc}"},
                 )
                 return False
+            except Exception as exc:
+                self.metrics.reloads.labels("failure").inc()
+                log.error(
+                    "config reload failed; keeping the last good config",
+                    extra={"source": str(source), "error": type(exc).__name__},
+                )
+                return False
             self._apply(snapshot, seen)
             return True
 
@@ -258,6 +279,7 @@ class Sidecar:
                 self.credentials.cache.drop_server(name)
                 routes = [d.name for d in old.destinations if d.authorization_server == name]
                 self.token_client.forget(name, routes)
+        _warn_cleartext(new)
         self.snapshot = snapshot  # one assignment: in-flight requests keep theirs
         self.generation += 1
         self.metrics.reloads.labels("success").inc()
@@ -291,7 +313,15 @@ class Sidecar:
             watcher[1].cancel()
             self._watcher = None
         if new.watch and self._watcher is None and new.source is not None:
-            self._watch(ConfigWatcher(new.source, new.watch_interval, self.reload, baseline=seen))
+            self._watch(
+                ConfigWatcher(
+                    new.source,
+                    new.watch_interval,
+                    self.reload,
+                    baseline=seen,
+                    on_failure=self.metrics.reloads.labels("failure").inc,
+                )
+            )
 
     def _watch(self, watcher: ConfigWatcher) -> None:
         self._watcher = (watcher, self._background.spawn(watcher.run(), name="config watcher"))
@@ -313,7 +343,9 @@ class Sidecar:
         exchange = Exchange(request.method, request.target)
         try:
             if request.local_port in routing.local_ports:
-                resolved = routing.resolve_local(request.local_port, request.method, request.target)
+                resolved = routing.resolve_local(
+                    request.local_port, request.method, request.target, request.overrides
+                )
             elif request.method == "CONNECT":
                 dest, host, port = routing.tunnel_for(request.target)
                 exchange.route, exchange.host = dest.name, f"{host}:{port}"
@@ -322,7 +354,7 @@ class Sidecar:
                 exchange.status = reply.status
                 return
             else:
-                resolved = routing.resolve(request.method, request.target)
+                resolved = routing.resolve(request.method, request.target, request.overrides)
             target = resolved.target
             exchange.route = resolved.route.name
             exchange.host, exchange.path, exchange.query = target.host, target.path, target.query

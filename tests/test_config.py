@@ -69,7 +69,7 @@ def test_every_problem_is_reported_with_its_path() -> None:
             "host": "API_bad",
             "authorization_server": "nope",
             "upstream": "ftp://x",
-            "scopes": {"rules": [{"methods": ["FETCH"], "paths": ["v1/*x"], "scopes": ["a b"]}]},
+            "scopes": {"rules": [{"methods": ["GET /"], "paths": ["v1/*x"], "scopes": ["a b"]}]},
         },
     ]
     found = problems(doc)
@@ -151,7 +151,7 @@ def test_ports_can_be_overridden_per_pod_from_the_environment() -> None:
     cfg = config.parse(minimal(), env={**ENV, "SIDECAR_ADMIN": "0.0.0.0:15000"})
     assert cfg.admin.port == 15000
     found = problems(minimal(), env={**ENV, "SIDECAR_ADMIN": "nonsense"})
-    assert "admin: (from $SIDECAR_ADMIN) must be host:port, got 'nonsense'" in found
+    assert "admin: (from $SIDECAR_ADMIN) must be host:port" in found  # the value: not echoed
 
 
 def test_token_wait_readiness_and_audit_defaults_and_values() -> None:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from sidecar import config
+from sidecar import config, routing
 from sidecar.errors import BadRequest, NoScopeRule, NotAProxyRequest, UnknownDestination
 from sidecar.routing import RoutingTable, parse_target
 
@@ -115,3 +115,261 @@ def test_parse_target_keeps_raw_path_and_query() -> None:
     assert (upper.scheme, upper.host, upper.port, upper.path) == ("http", "api.example", 80, "/")
     v6 = parse_target("http://[2001:db8::1]/p")
     assert (v6.host, v6.port) == ("2001:db8::1", 80)
+
+
+# -- hosts: one typed value, or a 400 (issue 15, class 1) -----------------------------------
+
+LDH = set("abcdefghijklmnopqrstuvwxyz0123456789-.")
+# Every printable ASCII character that may not stand in a label ('/' ends the authority).
+DISALLOWED = sorted(c for c in map(chr, range(0x21, 0x7F)) if c.lower() not in LDH and c not in "/")
+
+
+def wild_table(upstream: str | None = None) -> RoutingTable:
+    wild: dict[str, object] = {"host": "*.wild.test", "authorization_server": "as"}
+    wild["scopes"] = {"default": ["w"]}
+    if upstream:
+        wild["upstream"] = upstream
+    doc = {
+        "authorization_servers": {"as": {"token_endpoint": "https://as.example/token"}},
+        "destinations": [
+            wild,
+            {"host": "api.example", "authorization_server": "as", "scopes": {"default": ["a"]}},
+            {"host": "*.tunnel.test", "tunnel": True},
+        ],
+    }
+    return RoutingTable(config.parse(doc, env=ENV))
+
+
+@pytest.mark.parametrize("char", DISALLOWED)
+@pytest.mark.parametrize("shape", ["x{c}y.wild.test", "{c}.wild.test", "localhost{c}.wild.test"])
+def test_every_disallowed_character_in_a_label_is_a_400(char: str, shape: str) -> None:
+    host = shape.format(c=char)
+    with pytest.raises(BadRequest):
+        wild_table().resolve("GET", f"http://{host}/v1/x")
+    with pytest.raises(BadRequest):
+        wild_table().tunnel_for(f"{host.replace('wild', 'tunnel')}:443")
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        ".wild.test",  # empty label
+        "a..wild.test",
+        "-a.wild.test",  # LDH: no leading or trailing hyphen
+        "a-.wild.test",
+        "a" * 64 + ".wild.test",  # labels are at most 63 octets
+        ("a" * 61 + ".") * 4 + "wild.test",  # names at most 253
+        "bücher.wild.test",  # U-labels: send the A-label
+        "xn--zz.wild.test",  # an A-label that does not decode
+        "ab--c.wild.test",  # reserved (R-LDH) label
+        "evil].wild.test",
+        "[evil].wild.test",
+        "[::1].wild.test",
+        "localhost?.wild.test",
+        "167772161?.wild.test",
+        "a.wild.test..",
+    ],
+)
+def test_malformed_hosts_are_400_not_500(host: str) -> None:
+    with pytest.raises(BadRequest):
+        wild_table().resolve("GET", f"http://{host}/v1/x")
+
+
+@pytest.mark.parametrize(
+    "host", ["167772161.wild.test", "0.wild.test", "10.0.0.1", "0x7f.0.0.1", "127.1", "1.2.3"]
+)
+def test_numeric_labels_and_addresses_are_never_synthesised_into_a_dial(host: str) -> None:
+    # 400, or (a valid dotted quad no route names) 403: never a wildcard dial.
+    with pytest.raises((BadRequest, UnknownDestination)):
+        wild_table().resolve("GET", f"http://{host}/v1/x")
+    with pytest.raises((BadRequest, UnknownDestination)):
+        wild_table().tunnel_for(f"{host.replace('wild', 'tunnel')}:443")
+
+
+def test_the_dialled_host_is_the_routed_host() -> None:
+    resolved = wild_table().resolve("GET", "http://EU.wild.test./v1/x")
+    assert resolved.target.host == "eu.wild.test"  # one trailing dot: the same, absolute name
+    dial = resolved.route.dial(resolved.target)
+    assert (dial.scheme, dial.host, dial.port, dial.netloc) == (
+        "https",
+        "eu.wild.test",
+        443,
+        "eu.wild.test",
+    )
+    idna = wild_table().resolve("GET", "http://xn--bcher-kva.wild.test/")
+    assert idna.route.dial(idna.target).host == "xn--bcher-kva.wild.test"
+    # A configured upstream is parsed once, at load; the requested host does not change it.
+    routed = wild_table("https://up.example:8443").resolve("GET", "http://a.wild.test/")
+    assert routed.route.dial(routed.target) == (
+        "https",
+        "up.example",
+        8443,
+        8443,
+        "up.example:8443",
+    )
+
+
+@pytest.mark.parametrize(
+    "authority",
+    [
+        ".x.tunnel.test:443",
+        "a.tunnel.test",
+        "a.tunnel.test:",
+        "a.tunnel.test:0",
+        "a.tunnel.test:65536",
+        "a@b.tunnel.test:443",
+        "[::1:443",
+        "a.tunnel.test:44 3",
+    ],
+)
+def test_malformed_connect_authorities_are_400(authority: str) -> None:
+    with pytest.raises(BadRequest):
+        wild_table().tunnel_for(authority)
+
+
+def test_a_wildcard_config_host_cannot_end_in_a_number() -> None:
+    doc = {
+        "authorization_servers": {"as": {"token_endpoint": "https://as.example/token"}},
+        "destinations": [{"host": "*.0.1", "authorization_server": "as"}],
+    }
+    with pytest.raises(config.ConfigError):
+        config.parse(doc, env=ENV)
+
+
+# -- paths the scopes and the upstream could read differently (class 4) --------------------
+
+REFUSED_PATHS = [
+    "/v1/..%2fadmin",
+    "/v1/%2e%2e%2fadmin",
+    "/v1/..;/admin",
+    "/v1/..\\admin",
+    "/v1/%5c..%5cadmin",
+    "/v1/.;/admin",
+    "/v1/%252e%252e/admin",
+    "/v1/%2E%2e/admin",
+    "/v1/.%2E/admin",
+    "/v1/%2e/admin",
+    "/v1/a%2fb",
+    "/v1/a%2Fb",
+    "/v1/a%5Cb",
+    "/v1/a\\b",
+    "/v1/..;x=1/admin",
+    "/v1/.../admin",
+    "/v1/.. /admin",
+    "/v1/%2e%2e%3b/admin",
+    "/v1/%25252e%25252e/admin",
+    "/v1/%2525252e/x",
+    "/v1/a%00b",
+    "/v1/a/..",
+    "/v1/.",
+    "/v1/%252f",
+    "/v1/%2e%2e",
+]
+
+
+@pytest.mark.parametrize("path", REFUSED_PATHS)
+def test_ambiguous_paths_are_refused(path: str) -> None:
+    assert routing.path_problem(path) is not None
+    with pytest.raises(BadRequest):
+        table([], ["s"]).resolve("GET", f"http://api.example{path}")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/a.json",
+        "/.well-known/jwks.json",
+        "/v1/a;v=1/b",
+        "/v1/100%25",
+        "/v1/a%20b",
+        "/v1/%e2%82%ac",
+        "/v1/a..b",
+        "/v1/..a",
+    ],
+)
+def test_ordinary_paths_pass(path: str) -> None:
+    assert routing.path_problem(path) is None
+
+
+def test_raw_paths_keep_encodings_but_never_literal_dot_segments() -> None:
+    assert routing.path_problem("/v1/..%2fadmin", raw=True) is None
+    assert routing.path_problem("/v1/%252e%252e/x", raw=True) is None
+    assert routing.path_problem("/v1/../x", raw=True) is not None
+    assert routing.path_problem("/v1/%2e%2e/x", raw=True) is not None
+
+
+# -- method overrides (class 3) -----------------------------------------------------------
+
+
+def override_table(policy: str | None) -> RoutingTable:
+    dest: dict[str, object] = {
+        "host": "api.example",
+        "authorization_server": "as",
+        "scopes": {
+            "default": ["read"],
+            "rules": [
+                {"methods": ["POST"], "paths": ["/v1/**"], "scopes": ["write"]},
+                {"methods": ["DELETE"], "paths": ["/v1/**"], "scopes": ["delete"]},
+                {"methods": ["PROPFIND", "MOVE"], "paths": ["/dav/**"], "scopes": ["dav"]},
+            ],
+        },
+    }
+    if policy:
+        dest["method_override"] = policy
+    doc = {
+        "authorization_servers": {"as": {"token_endpoint": "https://as.example/token"}},
+        "destinations": [dest],
+    }
+    return RoutingTable(config.parse(doc, env=ENV))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "target"),
+    [
+        ([("x-http-method-override", "DELETE")], "/v1/x"),
+        ([("x-http-method", "DELETE")], "/v1/x"),
+        ([("x-method-override", "DELETE")], "/v1/x"),
+        ([("x-original-url", "/admin")], "/v1/x"),
+        ([("x-rewrite-url", "/admin")], "/v1/x"),
+        ([], "/v1/x?_method=DELETE"),
+        ([], "/v1/x?a=1&_METHOD=DELETE"),
+        ([], "/v1/x?a=1;_method=DELETE"),
+        ([], "/v1/x?%5Fmethod=DELETE"),
+        ([], "/v1/x?_method[]=DELETE"),
+    ],
+)
+def test_method_overrides_are_refused_by_default(
+    overrides: list[tuple[str, str]], target: str
+) -> None:
+    with pytest.raises(BadRequest) as info:
+        override_table(None).resolve("POST", f"http://api.example{target}", overrides)
+    assert "override" in info.value.detail
+
+
+def test_strip_removes_the_override_and_scopes_on_the_real_method() -> None:
+    resolved = override_table("strip").resolve(
+        "POST", "http://api.example/v1/x?a=1&_method=DELETE&b=2", [("x-http-method", "DELETE")]
+    )
+    assert resolved.scopes == ("write",)
+    assert resolved.strip_overrides
+    assert resolved.target.query == "a=1&b=2"
+
+
+def test_honour_scopes_on_the_overriding_method() -> None:
+    t = override_table("honour")
+    resolved = t.resolve("POST", "http://api.example/v1/x", [("x-http-method-override", "delete")])
+    assert (resolved.scopes, resolved.method) == (("delete",), "DELETE")
+    assert t.resolve("POST", "http://api.example/v1/x?_method=DELETE").scopes == ("delete",)
+    for bad in (
+        [("x-http-method", "DELETE"), ("x-method-override", "PUT")],
+        [("x-original-url", "/admin")],
+        [("x-http-method", "DE LETE")],
+    ):
+        with pytest.raises(BadRequest):
+            t.resolve("POST", "http://api.example/v1/x", bad)
+
+
+def test_rules_may_name_any_method_token() -> None:
+    t = override_table(None)
+    assert t.resolve("PROPFIND", "http://api.example/dav/a").scopes == ("dav",)
+    assert t.resolve("MOVE", "http://api.example/dav/a").scopes == ("dav",)

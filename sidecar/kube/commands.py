@@ -81,15 +81,23 @@ def cmd_inject(args: argparse.Namespace) -> int:
         return 2
     try:
         documents = list(yaml.safe_load_all(text))
+        injected = inject_documents(documents, options)
+        out = yaml.safe_dump_all(injected, sort_keys=False, explicit_start=True)
     except yaml.YAMLError as exc:
         print(f"sidecar inject: {args.filename}:{yaml_problem(exc)}", file=sys.stderr)
         return 2
-    try:
-        injected = inject_documents(documents, options)
     except InjectError as exc:
         print(f"sidecar inject: {args.filename}: {exc}", file=sys.stderr)
         return 2
-    sys.stdout.write(yaml.safe_dump_all(injected, sort_keys=False, explicit_start=True))
+    except RecursionError:
+        print(f"sidecar inject: {args.filename}: nested too deeply", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, OverflowError) as exc:  # PyYAML constructors (bad dates)
+        print(
+            f"sidecar inject: {args.filename}: not usable ({type(exc).__name__})", file=sys.stderr
+        )
+        return 2
+    sys.stdout.write(out)
     return 0
 
 

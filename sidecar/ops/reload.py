@@ -4,6 +4,10 @@ Works with the Kubernetes ConfigMap volume pattern: the mounted file is a symlin
 (``sidecar.yaml -> ..data/sidecar.yaml``, ``..data -> ..2026_11_23…``) and an update swaps
 ``..data`` atomically. The file is therefore identified by what the path resolves to *and* its
 inode, mtime and size, polled off the event loop. SIGHUP triggers the same reload at once.
+
+The watcher outlives any failure of a reload (a file that cannot be parsed, a bug): it logs
+the exception's type, counts it through ``on_failure`` and keeps watching, so a later good
+edit is applied.
 """
 
 from __future__ import annotations
@@ -37,10 +41,12 @@ class ConfigWatcher:
         reload: Callable[[], Awaitable[bool]],
         *,
         baseline: Fingerprint = None,
+        on_failure: Callable[[], None] = lambda: None,
     ) -> None:
         self.path = path
         self.interval = interval
         self._reload = reload
+        self._on_failure = on_failure
         self._last: Fingerprint = baseline  # or from baseline()
 
     async def baseline(self) -> None:
@@ -56,4 +62,11 @@ class ConfigWatcher:
                 continue  # mid-swap or unchanged: look again next time
             last = current
             log.info("config file changed", extra={"source": str(self.path)})
-            await self._reload()
+            try:
+                await self._reload()
+            except Exception as exc:
+                self._on_failure()
+                log.error(
+                    "config reload failed; keeping the last good config",
+                    extra={"source": str(self.path), "error": type(exc).__name__},
+                )

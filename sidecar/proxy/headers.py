@@ -5,7 +5,9 @@ RFC 9110 §7.6.1: hop-by-hop headers (Connection and every header it names, Keep
 Trailer, Transfer-Encoding, Upgrade, Proxy-*) are removed in both directions. The app's own
 credentials (Authorization, DPoP) are removed before ours are added: an upstream that sees two
 Authorization headers may pick either. Repeated headers keep their order. Host and
-Content-Length are the forwarder's: it knows where and how the body is sent.
+Content-Length are the forwarder's: it knows where and how the body is sent. Method and URL
+override headers (``X-HTTP-Method-Override`` and kin) are dropped when the route says
+``method_override: strip`` (routing refuses them by default).
 
 The data path works on what the parsers give: the app's headers as ``str`` pairs, the origin's
 as ``bytes`` pairs, which go back to the app as one pre-encoded block without being decoded.

@@ -8,6 +8,18 @@ a log line that never quotes the offending bytes. Head size is bounded (``max_he
 bodies are buffered only up to a high-water mark (reading pauses until the data path takes
 them), pipelined requests are answered in order, one at a time.
 
+Stricter than llhttp, each a 400 that closes the connection (nothing is forwarded):
+  - versions other than HTTP/1.0 and HTTP/1.1 (``HTTP/2.0``; a request line without a version,
+    HTTP/0.9 style, followed by headers);
+  - any ``_`` in a header name: CGI/WSGI-style upstreams read ``Transfer_Encoding`` as
+    ``Transfer-Encoding`` and ``X_HTTP_Method_Override`` as an override, and which names an
+    upstream folds cannot be known here (nginx drops such headers by default, Envoy can refuse);
+  - a Content-Length above 2^53 - 1 (upstreams that parse it as a double disagree beyond it);
+  - more than one Host header. A Host that differs from the absolute-form target is ignored:
+    RFC 9112 §3.2.2, the target wins (the forwarder sends its own Host).
+Chunked trailers (RFC 9112 §7.1.2) are dropped: never merged into the headers, whatever the
+timing of the reads.
+
 The seam to the rest of the data path is :data:`Handler`: ``await handler(request, reply)``.
 The handler answers through :class:`Reply` (one write for a whole answer, or a stream), or raises
 :class:`~sidecar.errors.ProxyError`, which becomes the JSON error if nothing was sent yet.
@@ -31,6 +43,7 @@ from sidecar.config import Address
 from sidecar.errors import BadRequest, ProxyError
 from sidecar.proxy.admission import Admission
 from sidecar.proxy.flow import BodyBuffer, WriteFlow
+from sidecar.routing import OVERRIDE_HEADERS
 
 log = logging.getLogger("sidecar.listener")
 
@@ -41,6 +54,7 @@ HIGH_WATER = 256 * 1024  # request body bytes buffered before reading from the a
 LOW_WATER = 64 * 1024
 MAX_PIPELINED = 16  # requests parsed ahead of the one being answered
 KEEPALIVE_IDLE = 75.0  # seconds an idle keep-alive connection is kept
+MAX_CONTENT_LENGTH = 2**53 - 1  # see the module docstring
 HEAD_TIMEOUT = 30.0  # seconds to receive a request head once it started (slow-loris)
 BODY_IDLE_TIMEOUT = 60.0  # seconds without a byte of a request body the data path waits for
 SWEEP_INTERVAL = 5.0
@@ -67,6 +81,7 @@ class Request:
         "keep_alive",
         "local_port",
         "method",
+        "overrides",
         "target",
         "upgrade",
         "version",
@@ -93,16 +108,27 @@ class Request:
         self.chunked = False
         self._expect_continue = False
         self.upgrade = False  # asks to switch protocols (WebSocket, h2c): refused
+        # Method/URL override headers (lower-case name, value): the route's policy decides.
+        self.overrides: list[tuple[str, str]] = []
+        hosts = 0
         for name, value in headers:
             lower = name.lower()
-            if lower == "upgrade":
+            if lower == "host":
+                hosts += 1
+            elif lower == "upgrade":
                 self.upgrade = method != "CONNECT"
             elif lower == "content-length":
                 self.content_length = int(value)  # llhttp has checked it: one, and a number
+                if self.content_length > MAX_CONTENT_LENGTH:
+                    raise _Refused("Content-Length too large")
             elif lower == "transfer-encoding":
                 self.chunked = self.chunked or "chunked" in value.lower()
             elif lower == "expect" and value.strip().lower() == "100-continue":
                 self._expect_continue = version >= (1, 1)
+            elif lower in OVERRIDE_HEADERS:
+                self.overrides.append((lower, value))
+        if hosts > 1:
+            raise _Refused("more than one Host header")
         self._body: BodyBuffer | None = None  # made when body bytes arrive
         self._complete = False
         self._waiter: asyncio.Future[None] | None = None
@@ -324,6 +350,10 @@ class _HeadTooLarge(Exception):
     pass
 
 
+class _Refused(Exception):
+    """A head llhttp accepts and we do not (see the module docstring); str() is the reason."""
+
+
 class _Connection(asyncio.Protocol):
     """One connection from the app."""
 
@@ -334,6 +364,7 @@ class _Connection(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
         self._headers: list[tuple[str, str]] = []
+        self._in_head = False  # False after the head: on_header then reports trailers
         self._head_bytes = 0
         self._head_started: float | None = None
         self._parsing: Request | None = None  # the request whose bytes are being parsed
@@ -459,6 +490,8 @@ class _Connection(asyncio.Protocol):
             cause = exc.__context__
             if isinstance(cause, _HeadTooLarge):
                 reason = "headers too large"
+            elif isinstance(cause, _Refused):
+                reason = str(cause)
             else:
                 reason = type(exc).__name__
                 if cause is not None:  # our callback failed: a bug, not the app's fault
@@ -470,6 +503,7 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url = b""
         self._headers = []
+        self._in_head = True
         self._head_bytes = 0
         self._head_started = time.monotonic()
 
@@ -478,6 +512,12 @@ class _Connection(asyncio.Protocol):
         self._count(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:
+            # A chunked trailer: dropped, never promoted to a header (counted: bounded).
+            self._count(len(name) + len(value) + 4)
+            return
+        if b"_" in name:
+            raise _Refused("'_' in a header name")
         self._headers.append(
             (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
         )
@@ -491,11 +531,15 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         parser = self._parser
         self._head_started = None
+        self._in_head = False
+        version = _VERSIONS.get(parser.get_http_version())
+        if version is None:
+            raise _Refused("only HTTP/1.0 and HTTP/1.1 are supported")
         request = Request(
             self,
             parser.get_method().decode("ascii"),
             self._url.decode("utf-8", "surrogateescape"),
-            _version(parser.get_http_version()),
+            version,
             self._headers,
             parser.should_keep_alive(),
         )
@@ -602,14 +646,6 @@ class _Connection(asyncio.Protocol):
 
 
 _VERSIONS = {"1.1": (1, 1), "1.0": (1, 0)}
-
-
-def _version(text: str) -> tuple[int, int]:
-    known = _VERSIONS.get(text)
-    if known is not None:
-        return known
-    major, _, minor = text.partition(".")
-    return (int(major or 1), int(minor or 1))
 
 
 class Listener:

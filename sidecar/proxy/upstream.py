@@ -35,7 +35,6 @@ import time
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from sidecar.config import Destination
 from sidecar.credentials.dpop import htu
@@ -64,7 +63,7 @@ from sidecar.proxy.origin_client import (
     Timeouts,
     is_private,
 )
-from sidecar.routing import Resolved, Route, Target
+from sidecar.routing import OVERRIDE_HEADERS, Dial, Resolved, Route, Target
 
 log = logging.getLogger("sidecar.upstream")
 
@@ -86,35 +85,34 @@ class _Upstream:
     htu_prefix: str  # scheme://host[:port] lower-case, default port dropped (RFC 9449 htu)
     credential: Credential[Any]  # the route's kind of credential
     drop: frozenset[str]  # app header names not forwarded (hop-by-hop, the kind's own)
+    drop_overrides: frozenset[str]  # and the method/URL overrides (method_override: strip)
     timeouts: Timeouts | None  # None: the route has a total timeout, set per request
     slots: Slots  # at most max_connections requests in flight to the route's upstream
 
 
 def _prepare(
-    text: str,
+    dial: Dial,
     route: Route,
     ssl_for: Callable[[Route], ssl.SSLContext],
     slots: Slots,
     credential: Credential[Any],
 ) -> _Upstream:
-    parts = urlsplit(text)
-    scheme = parts.scheme.lower()
-    host = parts.hostname or ""
-    explicit = parts.port
-    port = explicit or (443 if scheme == "https" else 80)
+    # From structured parts (routing's Dial): nothing here re-parses a string with app input.
+    scheme, host, port, explicit, netloc = dial
     try:
         private_literal = is_private(host)
     except ValueError:
         private_literal = False  # a name
     dest = route.destination
-    if any(c in parts.netloc for c in "\r\n\0"):  # the config loader refuses these too
+    if any(c in netloc for c in "\r\n\0"):  # routing and the config loader refuse these too
         raise ValueError("an upstream host with a line break")
-    static = f"Host: {parts.netloc}\r\n"
+    static = f"Host: {netloc}\r\n"
     if dest.via:
         static += "Via: 1.1 spiffe-oauth-sidecar\r\n"
     timeouts = None
     if dest.total_timeout is None:
         timeouts = Timeouts(dest.connect_timeout, dest.read_timeout)
+    drop = request_drop(credential.strips)
     return _Upstream(
         origin=Origin(
             host, port, ssl_for(route) if scheme == "https" else None, dest.allow_private
@@ -123,7 +121,8 @@ def _prepare(
         static_lines=static,
         htu_prefix=htu(scheme, host, explicit, "/")[:-1],
         credential=credential,
-        drop=request_drop(credential.strips),
+        drop=drop,
+        drop_overrides=drop | OVERRIDE_HEADERS,
         timeouts=timeouts,
         slots=slots,
     )
@@ -165,9 +164,9 @@ class Forwarder:
             check = admission.check_error
             on_error = lambda exc: check(exc, "upstream")  # noqa: E731
         self._pool = Pool(on_connect_error=on_error)
-        # (route, upstream text) -> prepared; the route object is kept and compared, so a
+        # (route, dialled host) -> prepared; the route object is kept and compared, so a
         # reloaded config (new Route objects, maybe new CA files) never reuses an old one.
-        self._upstreams: dict[tuple[int, str], tuple[Route, _Upstream]] = {}
+        self._upstreams: dict[tuple[int, str], tuple[Route, _Upstream]] = {}  # (route, host)
         self._slots: dict[str, Slots] = {}
 
     async def close(self) -> None:
@@ -197,14 +196,14 @@ class Forwarder:
         return len(self._upstreams)
 
     def _upstream(self, route: Route, target: Target) -> _Upstream:
-        text = route.upstream_origin(target)
-        found = self._upstreams.get((id(route), text))
+        dial = route.dial(target)
+        found = self._upstreams.get((id(route), dial.host))
         if found is not None and found[0] is route:
             return found[1]
         if len(self._upstreams) > 4096:  # wildcard routes: bounded
             self._upstreams.clear()
-        prepared = _prepare(text, route, self._ssl_for, self._slots_for(route), self._kinds(route))
-        self._upstreams[(id(route), text)] = (route, prepared)
+        prepared = _prepare(dial, route, self._ssl_for, self._slots_for(route), self._kinds(route))
+        self._upstreams[(id(route), dial.host)] = (route, prepared)
         return prepared
 
     def _slots_for(self, route: Route) -> Slots:
@@ -218,7 +217,7 @@ class Forwarder:
     async def forward(
         self, request: Request, reply: Reply, resolved: Resolved, exchange: Exchange
     ) -> None:
-        route, target, scopes = resolved
+        route, target, scopes = resolved.route, resolved.target, resolved.scopes
         dest = route.destination
         up = self._upstream(route, target)
         credential = up.credential
@@ -240,7 +239,9 @@ class Forwarder:
             )
         # The request line and the app's headers: llhttp has checked they hold no line break.
         path, query = target.path, target.query
-        kept = forwarded(request.headers, up.drop)
+        kept = forwarded(
+            request.headers, up.drop_overrides if resolved.strip_overrides else up.drop
+        )
         head = f"{request.method} {path}{'?' + query if query else ''} HTTP/1.1\r\n"
         head += up.static_lines + "".join([f"{n}: {v}\r\n" for n, v in kept])
         if not request.body_exists:

@@ -89,7 +89,7 @@ async def test_an_invalid_reload_keeps_the_last_good_config(
     path = volume.publish(with_rules(stack, "invoices:write", watch=False))
     async with Sidecar(config.load(path), grace=5) as sidecar, AppClient(sidecar) as app:
         broken = with_rules(stack, "invoices:write", watch=False)
-        broken["destinations"][0]["scopes"]["rules"][0]["methods"] = ["FETCH"]
+        broken["destinations"][0]["scopes"]["rules"][0]["methods"] = ["GET /"]
         broken["destinations"][0]["authorization_server"] = "nope"
         volume.publish(broken)
         assert await sidecar.reload() is False

@@ -343,3 +343,23 @@ async def test_workers_exit_1_when_the_pod_admin_port_is_taken(
     assert code == 1
     assert "another process using the admin port" in err
     assert "workers started" not in err  # checked before any worker was started
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"a: " + b"[" * 5000 + b"]" * 5000, b"\xff\xfe\x00binary", b"a: 2001-02-30\n"],
+)
+async def test_unloadable_files_give_one_line_not_a_traceback(
+    tmp_path: Path, content: bytes
+) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    for args in (
+        ("check", "--config", str(path)),
+        ("run", "--config", str(path)),
+        ("inject", "-f", str(path)),
+    ):
+        code, out, err = await sidecar_cli(*args)
+        assert code != 0, args
+        assert "Traceback" not in err, (args, err)
+        assert err.strip() and len(err.strip().splitlines()) <= 2, (args, err)

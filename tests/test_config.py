@@ -176,3 +176,76 @@ def test_token_wait_readiness_and_audit_problems_are_all_reported() -> None:
     assert "audit.x: unknown key" in problems
     with pytest.raises(ConfigError, match=r"tokens\.wait: must be at most 60"):
         config.parse(minimal(tokens={"wait": 61}), env=ENV)
+
+
+# -- issue 15: cleartext, method tokens, files that are not YAML at all ------------------------
+
+
+@pytest.mark.parametrize(
+    ("where", "change"),
+    [
+        ("destinations[0].upstream", {"upstream": "http://api.saas.example"}),
+        ("authorization_servers.corp.issuer", {"issuer": "http://as.example.com"}),
+        ("authorization_servers.corp.token_endpoint", {"token_endpoint": "HTTP://as.example/t"}),
+    ],
+)
+def test_cleartext_urls_are_refused_unless_marked_development_only(
+    where: str, change: dict[str, str]
+) -> None:
+    def doc(flag: bool) -> dict[str, object]:
+        d = minimal()
+        item: dict[str, object] = (
+            d["destinations"][0]  # type: ignore[index]
+            if where.startswith("destinations")
+            else d["authorization_servers"]["corp"]  # type: ignore[index]
+        )
+        item.update(change)
+        if flag:
+            item["allow_cleartext_development_only"] = True
+        return d
+
+    found = problems(doc(False))
+    assert any(p.startswith(f"{where}: http:// sends tokens") for p in found), found
+    cfg = config.parse(doc(True), env=ENV)
+    assert config.cleartext_settings(cfg) == [where]
+    assert config.cleartext_settings(config.parse(minimal(), env=ENV)) == []
+
+
+def test_rules_take_any_method_token() -> None:
+    doc = minimal()
+    doc["destinations"][0]["scopes"]["rules"][0]["methods"] = ["PROPFIND", "purge"]  # type: ignore[index]
+    (rule,) = config.parse(doc, env=ENV).destinations[0].rules
+    assert rule.methods == {"PROPFIND", "PURGE"}
+
+
+def test_errors_name_the_path_never_the_value() -> None:
+    secret = "s3cr3t-value-never-echoed"
+    doc = minimal(log={"level": secret}, listen=secret)
+    doc["destinations"][0]["token_type"] = secret  # type: ignore[index]
+    # Unknown keys are named when they look like a key (short, [A-Za-z0-9_.-]); a long one
+    # (a secret mis-indented into a key) is not.
+    doc["destinations"][0][secret * 2] = 1  # type: ignore[index]
+    found = problems(doc)
+    assert "destinations[0].<key>: unknown key" in " ".join(found)
+    assert len(found) >= 4
+    assert not any(secret in p for p in found), found
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"listen: \xff\xfe127.0.0.1:1\n", "not UTF-8"),
+        (b"\x00\x01\x02binary\x00", "not valid YAML"),
+        (b"a: " + b"[" * 5000 + b"]" * 5000, "nested too deeply"),
+        (b"a: " + b"{x: " * 3000 + b"1" + b"}" * 3000, "nested too deeply"),
+        (b"a: 2001-02-30\n", "not a usable config"),
+    ],
+)
+def test_unreadable_files_are_one_config_error(tmp_path: Path, content: bytes, says: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        config.load(path, env=ENV)
+    (problem,) = info.value.problems
+    assert says in problem
+    assert "\n" not in problem

@@ -34,9 +34,11 @@ class ConfigMapVolume:
         self.version += 1
         version_dir = self.root / f"..2026_11_23_{self.version}"
         version_dir.mkdir()
-        (version_dir / "sidecar.yaml").write_text(
-            doc if isinstance(doc, str) else yaml.safe_dump(doc)
-        )
+        file = version_dir / "sidecar.yaml"
+        if isinstance(doc, bytes):
+            file.write_bytes(doc)
+        else:
+            file.write_text(doc if isinstance(doc, str) else yaml.safe_dump(doc))
         tmp = self.root / "..data_tmp"
         tmp.symlink_to(version_dir.name)
         os.replace(tmp, self.root / "..data")  # atomic rename, as the kubelet does
@@ -219,3 +221,37 @@ async def test_reload_applies_limits_log_format_and_reload_settings(
         if r.getMessage() == "this setting changes only on restart"
     ]
     assert restart_only == ["listen"]
+
+
+class _Seen(logging.Handler):
+    """Sets an event when a record with this message is logged (a condition, not a sleep)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self.message = message
+        self.event = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith(self.message):
+            self.event.set()
+
+
+async def test_the_watcher_survives_any_bad_file_and_applies_a_later_good_one(
+    stack: DevStack, tmp_path: Path
+) -> None:
+    volume = ConfigMapVolume(tmp_path / "config")
+    path = volume.publish(with_rules(stack, "invoices:write"))
+    seen = _Seen("config reload")
+    logging.getLogger("sidecar").addHandler(seen)
+    try:
+        async with Sidecar(config.load(path), grace=5) as sidecar:
+            failures = sidecar.metrics.reloads.labels("failure")
+            for bad in (b"a: " + b"[" * 5000 + b"]" * 5000, b"listen: \xff\xfe"):
+                seen.event.clear()
+                volume.publish(bad)
+                await asyncio.wait_for(seen.event.wait(), 30)
+            assert failures._value.get() == 2
+            volume.publish(with_rules(stack, "invoices:admin"))
+            await asyncio.wait_for(sidecar.wait_for_generation(2), 30)
+    finally:
+        logging.getLogger("sidecar").removeHandler(seen)

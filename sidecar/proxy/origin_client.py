@@ -27,7 +27,7 @@ import contextlib
 import ipaddress
 import socket
 import ssl
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -62,12 +62,59 @@ class OriginBroken(OriginError):
     """The origin closed the connection or answered something that is not HTTP/1.1."""
 
 
+# Addresses not dialled unless a route says allow_private: true. Private RFC 1918 ranges are
+# not here (in-cluster APIs live there); what is here reaches the host itself or a cloud's
+# instance metadata / credentials service.
+_REFUSED_V4 = tuple(
+    ipaddress.IPv4Network(n)
+    for n in (
+        "0.0.0.0/8",  # "this network": 0.x.y.z reaches the local host on Linux
+        "127.0.0.0/8",
+        "169.254.0.0/16",  # link-local: AWS/GCP/Azure/OCI metadata at 169.254.169.254
+        "100.100.100.200/32",  # Alibaba Cloud metadata
+        "224.0.0.0/4",  # multicast
+        "240.0.0.0/4",  # reserved, and the limited broadcast address
+    )
+)
+_REFUSED_V6 = tuple(
+    ipaddress.IPv6Network(n)
+    for n in (
+        "::1/128",
+        "::/128",
+        "fe80::/10",  # link-local
+        "fd00:ec2::254/128",  # AWS metadata over IPv6
+        "ff00::/8",  # multicast
+        "64:ff9b:1::/48",  # RFC 8215 local-use NAT64: where the IPv4 sits depends on the prefix
+    )
+)
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052: the IPv4 address in the last 32 bits
+_COMPATIBLE = ipaddress.IPv6Network("::/96")  # RFC 4291 §2.5.5.1 (deprecated) ::a.b.c.d
+
+
 def is_private(address: str) -> bool:
-    """Loopback, link-local (cloud metadata), unspecified or multicast: not dialled by default."""
+    """Loopback, link-local (cloud metadata), unspecified, multicast, or an IPv6 form that
+    embeds one of those IPv4 addresses: not dialled by default. ValueError: not an address."""
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = _embedded_v4(ip)
+        if embedded is not None:
+            ip = embedded
+        else:
+            return any(ip in net for net in _REFUSED_V6)
+    return any(ip in net for net in _REFUSED_V4)
+
+
+def _embedded_v4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries (mapped, compatible, NAT64, 6to4, Teredo)."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip in _NAT64 or (ip in _COMPATIBLE and int(ip) > 1):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]  # the client's address (the server's is a public relay)
+    return None
 
 
 @dataclass(frozen=True)
@@ -669,11 +716,17 @@ async def _read_capped(response: Response, limit: int) -> bytes:
     return b"".join(parts)[:limit]
 
 
-async def resolve(host: str, port: int, allow_private: bool) -> list[str]:
-    """The addresses to dial for ``host``, refusing loopback/link-local unless allowed (SSRF)."""
-    loop = asyncio.get_running_loop()
+Lookup = Callable[..., Awaitable[list[Any]]]
+
+
+async def resolve(
+    host: str, port: int, allow_private: bool, *, lookup: Lookup | None = None
+) -> list[str]:
+    """The addresses to dial for ``host``, refusing loopback/link-local unless allowed (SSRF).
+    ``lookup``: a getaddrinfo-like coroutine (the loop's by default; tests pass their own)."""
+    lookup = lookup or asyncio.get_running_loop().getaddrinfo
     try:
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = await lookup(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
         raise OriginUnreachable(f"cannot resolve {host} ({type(exc).__name__})") from exc
     addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))

@@ -441,6 +441,11 @@ class _Connection(asyncio.Protocol):
             finally:
                 self._watched = None
         except BaseException:
+            # The origin may have failed the head while the body was going out: that error is
+            # raised from here, so mark it retrieved (else asyncio logs "Future exception was
+            # never retrieved" when the future is collected).
+            if head_future.done() and not head_future.cancelled():
+                head_future.exception()
             self.close()
             raise
 

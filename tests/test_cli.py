@@ -359,7 +359,8 @@ async def test_unloadable_files_give_one_line_not_a_traceback(
         ("run", "--config", str(path)),
         ("inject", "-f", str(path)),
     ):
-        code, out, err = await sidecar_cli(*args)
+        code, _, err = await sidecar_cli(*args)
         assert code != 0, args
         assert "Traceback" not in err, (args, err)
-        assert err.strip() and len(err.strip().splitlines()) <= 2, (args, err)
+        assert err.strip(), args
+        assert len(err.strip().splitlines()) <= 2, (args, err)

@@ -70,7 +70,7 @@ def test_allowed_addresses(address: str) -> None:
 
 
 def test_names_are_not_addresses() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="does not appear to be an IPv4 or IPv6 address"):
         is_private("metadata.google.internal")
 
 

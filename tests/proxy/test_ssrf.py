@@ -13,7 +13,7 @@ from sidecar.proxy.origin_client import OriginRefused, is_private, resolve
 REFUSED = [
     "127.0.0.1",
     "127.255.255.254",
-    "0.0.0.0",
+    "0.0.0.0",  # noqa: S104 - a value for the classifier, never bound
     "0.1.2.3",
     "0.255.255.255",
     "169.254.169.254",

@@ -30,7 +30,13 @@ from sidecar.kube.inject import (
     inject_documents,
     inject_object,
 )
-from sidecar.kube.webhook import ReloadingCertificate, WebhookServer, review
+from sidecar.kube.webhook import (
+    MAX_REVIEW_BYTES,
+    ReloadingCertificate,
+    WebhookServer,
+    json_patch,
+    review,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -309,7 +315,7 @@ async def webhook(webhook_tls: tuple[DevCA, Path, Path]) -> AsyncIterator[tuple[
             data = body if isinstance(body, bytes) else json.dumps(body).encode()
             async with session.post(
                 f"https://127.0.0.1:{server.port}/mutate",
-                data=data,
+                data=io.BytesIO(data),  # large bodies: aiohttp wants a stream
                 headers={"Content-Type": "application/json"},
                 ssl=client_ssl,
             ) as resp:
@@ -420,3 +426,80 @@ async def _served_certificate(port: int, context: ssl.SSLContext) -> bytes:
         return bytes(der)
     finally:
         writer.close()
+
+
+# -- webhook bounds (issue 15) ----------------------------------------------------------------
+
+
+async def test_webhook_refuses_malformed_kinds_and_deep_nesting_with_400(
+    webhook: tuple[str, Any],
+) -> None:
+    _, post = webhook
+    for kind in ("Pod", ["Pod"], 7):
+        body = admission_review(_pod())
+        body["request"]["kind"] = kind
+        status, answer = await post(body)
+        assert (status, answer["error"]) == (400, "bad_request"), kind
+    deep = b'{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": '
+    deep += b'{"uid": "u", "object": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}"
+    status, answer = await post(deep)
+    assert (status, answer["error"]) == (400, "bad_request")
+    # Deep enough for copying or walking the pod to exceed the recursion limit, shallow enough
+    # for the JSON parser: the review itself must fail cleanly.
+    pod = _pod()
+    pod["metadata"]["labels"] = "DEEP"
+    text = json.dumps(admission_review(pod)).replace('"DEEP"', '{"x": ' * 900 + "{}" + "}" * 900)
+    status, answer = await post(text.encode())
+    assert (status, answer["error"]) == (400, "bad_request")
+
+
+async def test_webhook_refuses_oversized_reviews_with_413(webhook: tuple[str, Any]) -> None:
+    _, post = webhook
+    pod = _pod()
+    pod["metadata"]["annotations"] = {"pad": "x" * (MAX_REVIEW_BYTES + 1)}
+    status, answer = await post(admission_review(pod))
+    assert status == 413
+    assert "larger than" in answer["detail"]
+
+
+async def test_a_huge_pod_does_not_stall_the_event_loop(webhook: tuple[str, Any]) -> None:
+    _, post = webhook
+    pod = _pod(containers=[{"name": f"c{i}", "image": "app:1"} for i in range(40_000)])
+    body = json.dumps(admission_review(pod)).encode()
+    assert len(body) < MAX_REVIEW_BYTES
+    beats = 0
+    done = asyncio.Event()
+
+    async def heartbeat() -> None:
+        nonlocal beats
+        while not done.is_set():
+            beats += 1
+            await asyncio.sleep(0.001)
+
+    ticking = asyncio.create_task(heartbeat())
+    try:
+        status, answer = await post(body)
+    finally:
+        done.set()
+        await ticking
+    assert status == 200
+    patched = apply(pod, answer["response"])
+    assert patched == inject_object(pod)
+    # The review ran off the loop: the loop kept turning meanwhile (a loop blocked for the
+    # whole review would tick a handful of times: before and after).
+    assert beats >= 50
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        ({"a": 1}, {"a": 1, "b/c~d": [1]}),
+        ({"a": [1, 2], "b": {"c": True}}, {"a": [1, 2, 3], "b": {"c": 1}}),
+        ({"a": [{"x": 1}, {"y": 2}]}, {"a": [{"x": 1}, {"y": 3, "z": None}]}),
+        ({"a": 1, "b": 2}, {"b": 2}),
+        ({"a": "s"}, {"a": {"s": 1}}),
+    ],
+)
+def test_the_structural_patch_applies_to_exactly_the_target(before: Any, after: Any) -> None:
+    assert jsonpatch.apply_patch(before, json_patch(before, after)) == after
+    assert json_patch(after, after) == []

@@ -364,3 +364,20 @@ async def test_unloadable_files_give_one_line_not_a_traceback(
         assert "Traceback" not in err, (args, err)
         assert err.strip(), args
         assert len(err.strip().splitlines()) <= 2, (args, err)
+
+
+async def test_check_warns_when_a_default_scope_covers_writes(
+    stack: DevStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = stack.sidecar_config()
+    doc["destinations"][0]["scopes"]["rules"] = [
+        {"methods": ["GET"], "paths": ["/v1/**"], "scopes": ["invoices:read"]}
+    ]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert main(["check", "--config", str(path)]) == 0  # a warning, not a problem
+    out = capsys.readouterr().out
+    assert "warning: destinations[0].scopes.default applies to every method" in out
+    path = write_config(stack, tmp_path / "good.yaml")
+    assert main(["check", "--config", str(path)]) == 0
+    assert "warning" not in capsys.readouterr().out  # the dev config has a rule for writes

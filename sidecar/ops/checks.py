@@ -2,7 +2,8 @@
 
 Schema problems are found by :func:`sidecar.config.parse`; :func:`check_config` adds what
 needs the file system or whole-config reasoning: CA files that do not parse, unreadable secret
-files, scope rules that can never be chosen, routes that shadow each other.
+files, scope rules that can never be chosen, routes that shadow each other. :func:`warnings`
+lists what is allowed but deserves a second look (printed by ``check`` with the summary).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sidecar.config import Address, Config
+from sidecar.config import SAFE_METHODS, Address, Config, cleartext_settings
 from sidecar.routing import Resolved, RoutingTable, compile_route
 
 
@@ -49,6 +50,25 @@ def check_config(cfg: Config) -> list[str]:
                 f"{where}.scopes: no default and no rules: every request would be refused"
             )
     return problems
+
+
+def warnings(cfg: Config) -> list[str]:
+    """Allowed, but worth a second look: a default scope that also covers writes, cleartext."""
+    found: list[str] = []
+    for index, dest in enumerate(cfg.destinations):
+        if dest.tunnel or dest.default_scopes is None:
+            continue
+        if not any(rule.methods - SAFE_METHODS for rule in dest.rules):
+            found.append(
+                f"destinations[{index}].scopes.default applies to every method, writes "
+                "(POST, PUT, PATCH, DELETE, ...) included, and no rule names an unsafe method; "
+                "add rules for the writes if they need other scopes"
+            )
+    found += [
+        f"{where}: cleartext http:// (allow_cleartext_development_only): development only"
+        for where in cleartext_settings(cfg)
+    ]
+    return found
 
 
 def _ca_problems(path: Path | None, where: str) -> list[str]:
@@ -94,6 +114,7 @@ def summary(cfg: Config) -> str:
             lines.append(f"    default -> {' '.join(dest.default_scopes) or '(no scope)'}")
         else:
             lines.append("    default -> (none: requests matching no rule are refused)")
+    lines += [f"  warning: {text}" for text in warnings(cfg)]
     return "\n".join(lines)
 
 

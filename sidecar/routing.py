@@ -84,6 +84,7 @@ class Dial(NamedTuple):
     port: int
     explicit_port: int | None  # as written in the upstream (htu keeps it), None: the default
     netloc: str  # the Host header: host[:port], IPv6 bracketed
+    synthesised: bool = False  # the host is the app's (validated): resolved as an absolute name
 
     @property
     def text(self) -> str:
@@ -265,7 +266,8 @@ class Route:
         if self.upstream is not None:
             return self.upstream
         host = target.host
-        return Dial("https", host, 443, None, f"[{host}]" if ":" in host else host)
+        synthesised = host != self.destination.host  # a wildcard's label: the app chose it
+        return Dial("https", host, 443, None, f"[{host}]" if ":" in host else host, synthesised)
 
     def upstream_origin(self, target: Target) -> str:
         """scheme://host[:port] dialled for ``target`` (for display: ``explain``, the demo)."""

@@ -206,6 +206,7 @@ def test_the_dialled_host_is_the_routed_host() -> None:
         8443,
         8443,
         "up.example:8443",
+        False,  # not synthesised: the operator's name
     )
 
 
@@ -373,3 +374,17 @@ def test_rules_may_name_any_method_token() -> None:
     t = override_table(None)
     assert t.resolve("PROPFIND", "http://api.example/dav/a").scopes == ("dav",)
     assert t.resolve("MOVE", "http://api.example/dav/a").scopes == ("dav",)
+
+
+def test_a_synthesised_host_is_resolved_as_an_absolute_name() -> None:
+    # No resolv.conf search list for a name the app chose: eu.wild.test must not become
+    # eu.wild.test.<namespace>.svc.cluster.local (a headless Service's pod).
+    from sidecar.proxy.origin_client import Origin
+
+    wild = wild_table().resolve("GET", "http://eu.wild.test/")
+    assert wild.route.dial(wild.target).synthesised
+    exact = wild_table().resolve("GET", "http://api.example/")
+    assert not exact.route.dial(exact.target).synthesised  # the operator's name, as written
+    assert Origin("eu.wild.test", 443, None, False, absolute=True).lookup_name == "eu.wild.test."
+    assert Origin("api.example", 443, None, False).lookup_name == "api.example"
+    assert Origin("10.0.0.1", 443, None, False, absolute=True).lookup_name == "10.0.0.1"

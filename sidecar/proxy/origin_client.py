@@ -125,6 +125,16 @@ class Origin:
     port: int
     ssl: ssl.SSLContext | None  # None: plain http
     allow_private: bool
+    # Resolve host as an absolute name (no resolv.conf search list): a name synthesised from a
+    # request, which in a cluster could otherwise reach <name>.<namespace>.svc.cluster.local.
+    absolute: bool = False
+
+    @property
+    def lookup_name(self) -> str:
+        host = self.host
+        if not self.absolute or host.endswith(".") or ":" in host or host[-1:].isdigit():
+            return host  # relative by choice, already absolute, or an address
+        return f"{host}."
 
 
 @dataclass(frozen=True)
@@ -628,7 +638,7 @@ class Pool:
             limit = min(limit, timeouts.deadline - loop.time())
         try:
             async with asyncio.timeout(max(0.0, limit)):
-                addresses = await resolve(origin.host, origin.port, origin.allow_private)
+                addresses = await resolve(origin.lookup_name, origin.port, origin.allow_private)
                 last: Exception | None = None
                 for address in addresses:
                     try:

@@ -98,7 +98,7 @@ def _prepare(
     credential: Credential[Any],
 ) -> _Upstream:
     # From structured parts (routing's Dial): nothing here re-parses a string with app input.
-    scheme, host, port, explicit, netloc = dial
+    scheme, host, port, explicit, netloc = dial[:5]
     try:
         private_literal = is_private(host)
     except ValueError:
@@ -115,7 +115,11 @@ def _prepare(
     drop = request_drop(credential.strips)
     return _Upstream(
         origin=Origin(
-            host, port, ssl_for(route) if scheme == "https" else None, dest.allow_private
+            host,
+            port,
+            ssl_for(route) if scheme == "https" else None,
+            dest.allow_private,
+            absolute=dial.synthesised,
         ),
         private_literal=private_literal,
         static_lines=static,

@@ -255,3 +255,20 @@ async def test_the_watcher_survives_any_bad_file_and_applies_a_later_good_one(
             await asyncio.wait_for(sidecar.wait_for_generation(2), 30)
     finally:
         logging.getLogger("sidecar").removeHandler(seen)
+
+
+async def test_a_reload_that_allows_cleartext_warns_again(
+    stack: DevStack, tmp_path: Path, logs: LogCapture
+) -> None:
+    volume = ConfigMapVolume(tmp_path / "config")
+    path = volume.publish(stack.sidecar_config(reload={"watch": False}))
+    doc = stack.sidecar_config(reload={"watch": False})
+    doc["destinations"][0]["upstream"] = "http://127.0.0.1:9"
+    doc["destinations"][0]["allow_cleartext_development_only"] = True
+    async with Sidecar(config.load(path), grace=5) as sidecar:
+        assert not [r for r in logs.records if "cleartext" in r.getMessage()]
+        volume.publish(doc)
+        assert await sidecar.reload() is True
+        assert await sidecar.reload() is True
+    warned = [r.__dict__["setting"] for r in logs.records if "cleartext" in r.getMessage()]
+    assert warned == ["destinations[0].upstream"] * 2  # at every reload, not once

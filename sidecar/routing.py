@@ -490,6 +490,14 @@ class RoutingTable:
         return Resolved(route, target, route.scopes_for(method, path), strip, method)
 
 
+def tunnel_lookup_name(dest: Destination, host: str) -> str:
+    """The name a tunnel resolves for a CONNECT host: absolute (no resolv.conf search list)
+    when a wildcard route let the app choose it, as :meth:`Route.dial` does for requests."""
+    if host == dest.host or is_ip_literal(host):
+        return host
+    return f"{host}."
+
+
 def _check_synthesised(host: str, route: str) -> None:
     """A wildcard route dials the requested host itself: it must be a name, and its own label
     must not be numeric (``167772161.wild.test`` is an address to some resolvers)."""

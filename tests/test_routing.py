@@ -1,5 +1,7 @@
 """Routing: target parsing, host matching, and the scope-rule precedence (table-driven)."""
 
+import dataclasses
+
 import pytest
 
 from sidecar import config, routing
@@ -388,3 +390,14 @@ def test_a_synthesised_host_is_resolved_as_an_absolute_name() -> None:
     assert Origin("eu.wild.test", 443, None, False, absolute=True).lookup_name == "eu.wild.test."
     assert Origin("api.example", 443, None, False).lookup_name == "api.example"
     assert Origin("10.0.0.1", 443, None, False, absolute=True).lookup_name == "10.0.0.1"
+
+
+def test_a_wildcard_tunnel_host_is_resolved_as_an_absolute_name() -> None:
+    from sidecar.routing import tunnel_lookup_name
+
+    t = wild_table()
+    dest, host, _ = t.tunnel_for("eu.tunnel.test:443")
+    assert tunnel_lookup_name(dest, host) == "eu.tunnel.test."
+    exact = dataclasses.replace(dest, host="db.tunnel.test")
+    assert tunnel_lookup_name(exact, "db.tunnel.test") == "db.tunnel.test"
+    assert tunnel_lookup_name(dest, "10.0.0.1") == "10.0.0.1"

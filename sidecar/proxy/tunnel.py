@@ -19,6 +19,7 @@ from sidecar.config import Destination
 from sidecar.errors import Forbidden, UpstreamTimeout, UpstreamUnavailable
 from sidecar.proxy.listener import Reply, Tunnel
 from sidecar.proxy.origin_client import OriginRefused, OriginUnreachable, resolve
+from sidecar.routing import tunnel_lookup_name
 
 log = logging.getLogger("sidecar.tunnel")
 
@@ -99,7 +100,7 @@ async def _dial(
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     try:
         async with asyncio.timeout(dest.connect_timeout):
-            addresses = await resolve(host, port, dest.allow_private)
+            addresses = await resolve(tunnel_lookup_name(dest, host), port, dest.allow_private)
             return await asyncio.open_connection(addresses[0], port)
     except OriginRefused as exc:
         raise Forbidden(f"tunnel refused: {exc}", route=dest.name) from exc

@@ -54,6 +54,9 @@ _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")  # RFC 1123 §2.1 L
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 §5.6.2 token (a method)
 _ENCODED_SLASH = re.compile(r"%(?:2f|5c)", re.IGNORECASE)
 _ENCODED_CONTROL = re.compile(r"%(?:0[0-9a-f]|1[0-9a-f]|7f)", re.IGNORECASE)
+# Escapes some servers decode to '.', '/' or '\' where UTF-8 says they cannot: IIS's %uXXXX,
+# and overlong UTF-8 (%c0%ae, %e0%80%ae, %f0%80%80%ae: RFC 3629 §3 forbids them).
+_ODD_ESCAPE = re.compile(r"%u[0-9a-f]{4}|%c[01]|%e0%[89]|%f0%8", re.IGNORECASE)
 _PATH_SUSPECT = frozenset(".%\\;")
 _DECODE_LAYERS = 3  # %2e, %252e, %25252e; a path still encoded after that is refused
 _QUERY_SEPARATOR = re.compile(r"([&;])")
@@ -196,7 +199,8 @@ def path_problem(path: str, *, raw: bool = False) -> str | None:
     the path and each percent-decoded layer of it (``%252e`` is ``%2e`` is ``.``) must hold no
     dot segment (RFC 3986 §5.2.4), also not with ``;`` parameters (``..;/``: Tomcat) or made
     only of dots and spaces (Windows trims them), no encoded slash or backslash, no raw
-    backslash (IIS reads it as ``/``) and no encoded control character. ``raw``: the route
+    backslash (IIS reads it as ``/``), no encoded control character, no IIS ``%uXXXX`` escape
+    and no overlong UTF-8 (``%c0%ae`` is '.' to some decoders). ``raw``: the route
     keeps paths as sent; only the literal dot segments are refused.
     """
     if raw:
@@ -215,6 +219,8 @@ def path_problem(path: str, *, raw: bool = False) -> str | None:
             return "an encoded slash or backslash (%2F, %5C)"
         if _ENCODED_CONTROL.search(layer):
             return "an encoded control character"
+        if _ODD_ESCAPE.search(layer):
+            return "a %u escape or an overlong UTF-8 encoding"
         decoded = unquote(layer, errors="surrogateescape")
         if decoded == layer:
             return None

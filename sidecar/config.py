@@ -35,6 +35,11 @@ TokenType = Literal["dpop", "bearer"]
 # has no usable token (sidecar/ops/readiness.py).
 ReadinessPolicy = Literal["startup", "strict"]
 READINESS_POLICIES: tuple[ReadinessPolicy, ...] = ("startup", "strict")
+# A route's kind of credential (sidecar/credentials/kinds/): an OAuth access token (dpop,
+# bearer) from its authorization server, or secrets read from files (header).
+CredentialKind = Literal["dpop", "bearer", "header"]
+CREDENTIAL_KINDS: tuple[CredentialKind, ...] = ("dpop", "bearer", "header")
+OAUTH_KINDS = frozenset({"dpop", "bearer"})
 
 CLIENT_AUTHS: tuple[ClientAuth, ...] = ("jwt_svid", "jwt_bearer", "mtls", "client_secret", "none")
 GRANTS: tuple[Grant, ...] = ("client_credentials", "token_exchange", "jwt_bearer")
@@ -45,6 +50,24 @@ MethodOverride = Literal["refuse", "strip", "honour"]
 CLEARTEXT_FLAG = "allow_cleartext_development_only"
 _HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _SCOPE_TOKEN = re.compile(r"^[\x21\x23-\x5b\x5d-\x7e]+$")  # RFC 6749 §3.3 scope-token
+_FIELD_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 §5.1: a token
+_PREFIX = re.compile(r"^[\x20-\x7e]*$")  # visible ASCII and spaces: no CR, LF or NUL
+# Header names a static secret may not take: the forwarder's own (framing, Host) and the
+# hop-by-hop ones (RFC 9110 §7.6.1) are removed or rewritten on the way.
+_RESERVED_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "expect",
+        "via",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -97,6 +120,15 @@ class ScopeRule:
 
 
 @dataclass(frozen=True)
+class StaticHeader:
+    """``credential: header``: one header whose value is ``prefix`` + the file's content."""
+
+    name: str  # as configured (sent with this spelling)
+    file: Path
+    prefix: str = ""
+
+
+@dataclass(frozen=True)
 class Destination:
     name: str
     host: str  # exact host, or '*.suffix'
@@ -122,6 +154,13 @@ class Destination:
     method_override: MethodOverride = "refuse"  # X-HTTP-Method-Override & co., _method=
     raw_paths: bool = False  # forward encoded dots/slashes as sent (only literal '..' refused)
     allow_cleartext: bool = False  # allow_cleartext_development_only: an http:// upstream
+    credential: CredentialKind = "dpop"  # the route's kind (token_type for the OAuth ones)
+    headers: tuple[StaticHeader, ...] = ()  # credential: header
+
+    @property
+    def oauth(self) -> bool:
+        """Whether the route's credential is an OAuth access token from its server."""
+        return not self.tunnel and self.credential in OAUTH_KINDS
 
 
 @dataclass(frozen=True)
@@ -438,6 +477,8 @@ def _destination(node: _Node, servers: Mapping[str, object], base: Path) -> Dest
         "method_override",
         "raw_paths",
         CLEARTEXT_FLAG,
+        "credential",
+        "headers",
     }
     if not node.mapping(keys):
         return None
@@ -449,7 +490,11 @@ def _destination(node: _Node, servers: Mapping[str, object], base: Path) -> Dest
         "upstream", lambda v: _https_url(v, allow_path=False, cleartext=cleartext)
     )
     tunnel = bool(node.get("tunnel", bool, False))
-    as_name = node.get("authorization_server", str, required=not tunnel)
+    token_type = node.choice("token_type", ("dpop", "bearer"), "dpop")
+    credential = _credential(node, token_type)
+    oauth = credential in OAUTH_KINDS
+    as_name = node.get("authorization_server", str, required=not tunnel and oauth)
+    headers = _static_headers(node, credential, base)
     if tunnel:
         for key in ("authorization_server", "scopes", "resource", "audience", "upstream"):
             if node.child(key).value is not None:
@@ -476,8 +521,10 @@ def _destination(node: _Node, servers: Mapping[str, object], base: Path) -> Dest
         authorization_server=as_name or "",
         resource=node.check("resource", _absolute_uri),
         audience=node.get("audience", str),
-        token_type=node.choice("token_type", ("dpop", "bearer"), "dpop"),  # type: ignore[arg-type]
-        default_scopes=default,
+        token_type=token_type,  # type: ignore[arg-type]
+        default_scopes=default if oauth or tunnel else (),  # no token, no scopes to choose
+        credential=credential,  # type: ignore[arg-type]
+        headers=headers,
         rules=rules,
         ca_file=_file(node, "ca_file", base),
         allow_private=bool(node.get("allow_private", bool, False)),
@@ -499,6 +546,62 @@ def _destination(node: _Node, servers: Mapping[str, object], base: Path) -> Dest
         raw_paths=bool(node.get("raw_paths", bool, False)),
         allow_cleartext=cleartext,
     )
+
+
+def _credential(node: _Node, token_type: str) -> str:
+    """The route's kind: ``credential``, else ``token_type`` (dpop or bearer). A kind that is
+    not an OAuth token takes no authorization server, scopes or token settings."""
+    if node.child("credential").value is None:
+        return token_type
+    credential = node.choice("credential", CREDENTIAL_KINDS, token_type)
+    if credential in OAUTH_KINDS:
+        if node.child("token_type").value is not None and credential != token_type:
+            node.child("token_type").problem(f"contradicts credential: {credential}")
+        return credential
+    if bool(node.get("tunnel", bool, False)):
+        node.child("credential").problem("a tunnel route carries no credential: remove it")
+    for key in ("authorization_server", "scopes", "resource", "audience", "token_type"):
+        if node.child(key).value is not None:
+            node.child(key).problem(f"is for OAuth routes; credential: {credential} takes none")
+    return credential
+
+
+def _static_headers(node: _Node, credential: str, base: Path) -> tuple[StaticHeader, ...]:
+    """``headers: [{name, file, prefix}]`` of a ``credential: header`` route."""
+    headers_node = node.child("headers")
+    if credential != "header":
+        if headers_node.value is not None:
+            headers_node.problem("is only used with credential: header")
+        return ()
+    if headers_node.value is None:
+        headers_node.problem("credential: header needs headers: [{name, file}]")
+        return ()
+    if isinstance(headers_node.value, list) and not headers_node.value:
+        headers_node.problem("must name at least one header")
+    found: list[StaticHeader] = []
+    seen: set[str] = set()
+    for item in headers_node.items():
+        if not item.mapping({"name", "file", "prefix"}):
+            continue
+        name = item.get("name", str, required=True)
+        path = _file(item, "file", base)
+        if item.child("file").value is None:
+            item.child("file").problem("is required (the mounted secret's path)")
+        prefix = item.get("prefix", str, "") or ""
+        if not _PREFIX.match(prefix):
+            item.child("prefix").problem("must be printable ASCII (no line breaks)")
+        if name is not None:
+            lower = name.lower()
+            if not _FIELD_NAME.match(name):
+                item.child("name").problem("must be an HTTP header name (RFC 9110 §5.1)")
+            elif lower in _RESERVED_HEADERS or lower.startswith("proxy-"):
+                item.child("name").problem(f"{name} is set by the proxy itself; choose another")
+            elif lower in seen:
+                item.child("name").problem(f"{name} is named twice on this route")
+            seen.add(lower)
+        if name is not None and path is not None:
+            found.append(StaticHeader(name, path, prefix))
+    return tuple(found)
 
 
 def _port_like(node: _Node, key: str, default: int | None, low: int, high: int) -> int | None:
@@ -524,6 +627,17 @@ def _ports(node: _Node) -> tuple[int, ...]:
         else:
             ports.append(value)
     return tuple(ports)
+
+
+def _needs_server(destinations: object) -> bool:
+    """Whether a route of the document takes an OAuth token (then a server must be named)."""
+    if not isinstance(destinations, list):
+        return True
+    return any(
+        not isinstance(d, dict)
+        or (not d.get("tunnel") and d.get("credential", "dpop") in OAUTH_KINDS)
+        for d in destinations
+    )
 
 
 def parse(
@@ -588,7 +702,8 @@ def _parse(root: _Node, source: Path | None, env: Mapping[str, str], base: Path)
     servers: dict[str, AuthorizationServer] = {}
     as_node = root.child("authorization_servers")
     if as_node.value is None:
-        as_node.problem("is required: name at least one authorization server")
+        if _needs_server(root.child("destinations").value):
+            as_node.problem("is required: name at least one authorization server")
     elif as_node.mapping(set(as_node.value) if isinstance(as_node.value, dict) else set()):
         for name in as_node.value:
             parsed = _authorization_server(str(name), as_node.child(str(name)), base)

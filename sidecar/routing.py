@@ -256,7 +256,7 @@ def _specificity(rule: ScopeRule, index: int) -> tuple[int, int, int, int, int]:
 @dataclass(frozen=True)
 class Route:
     destination: Destination
-    server: AuthorizationServer
+    server: AuthorizationServer | None  # None: the route's kind needs none (credential: header)
     rules: tuple[_CompiledRule, ...]
     name: str = field(init=False)  # the destination's: read on every request
     upstream: Dial | None = field(init=False)  # the configured upstream, parsed once
@@ -340,7 +340,7 @@ def _configured_upstream(text: str) -> Dial | None:
     return Dial(scheme, host, explicit or _DEFAULT_PORTS[scheme], explicit, parts.netloc)
 
 
-def compile_route(destination: Destination, server: AuthorizationServer) -> Route:
+def compile_route(destination: Destination, server: AuthorizationServer | None) -> Route:
     rules = tuple(
         _CompiledRule(rule, tuple(_compile_glob(p) for p in rule.paths), _specificity(rule, i))
         for i, rule in enumerate(destination.rules)
@@ -368,7 +368,8 @@ class RoutingTable:
             if dest.tunnel:
                 self._tunnels[dest.host] = dest
                 continue
-            route = compile_route(dest, config.authorization_servers[dest.authorization_server])
+            server = config.authorization_servers[dest.authorization_server] if dest.oauth else None
+            route = compile_route(dest, server)
             if dest.host.startswith("*."):
                 self._wildcard[dest.host[2:]] = route
             else:

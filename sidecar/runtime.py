@@ -131,7 +131,13 @@ class Sidecar:
         )
         cache = TokenCache(self._background, clock=self._clock, wait=config.token_wait)
         self.credentials = Credentials(
-            self.identity, self.token_client, cache, self.dpop_key, self.nonces
+            self.identity,
+            self.token_client,
+            cache,
+            self.dpop_key,
+            self.nonces,
+            observe=self._observe_credential,
+            clock=self._clock,
         )
         self.admission = Admission(config.max_app_connections)
         self.forwarder = Forwarder(
@@ -218,7 +224,7 @@ class Sidecar:
                 if not (r.name in outcomes and outcomes[r.name].ever_ok)
             ]
             results = await asyncio.gather(
-                *(self.credentials.token(r, r.prefetch_scopes) for r in pending),
+                *(self.credentials.warm(r, r.prefetch_scopes) for r in pending),
                 return_exceptions=True,
             )
             if not any(isinstance(r, BaseException) for r in results):
@@ -386,6 +392,9 @@ class Sidecar:
             self.metrics.retries.labels(route, exchange.retry).inc()
         exchange.record(self.identity.spiffe_id, with_query=snapshot.config.audit_query)
 
+    def _observe_credential(self, kind: str, outcome: str) -> None:
+        self.metrics.credentials.labels(kind, outcome).inc()
+
     def _observe_token(self, server: str, outcome: str) -> None:
         if outcome == "nonce_retry":
             self.metrics.token_nonce_retries.labels(server).inc()
@@ -420,7 +429,10 @@ class Sidecar:
         states: dict[str, RouteReadiness] = {}
         for route in snapshot.routing.routes.values():
             dest = route.destination
-            shape = (route.server.name, dest.resource, dest.audience, dest.token_type == "dpop")
+            if route.server is None:  # a kind that needs no authorization server (header)
+                states[route.name] = self._serverless_readiness(route)
+                continue
+            shape = (route.server.name, dest.resource, dest.audience, dest.credential == "dpop")
             last = outcomes.get(route.name)
             states[route.name] = route_readiness(
                 holds_token=shape in held,
@@ -429,6 +441,11 @@ class Sidecar:
                 ever_ok=last is not None and last.ever_ok,
             )
         return states
+
+    def _serverless_readiness(self, route: Route) -> RouteReadiness:
+        """A route whose credential is read from files: ready while they were read and good."""
+        state, why = self.credentials.standing(route)
+        return RouteReadiness(state, why, state == "ready")  # type: ignore[arg-type]
 
     def readiness_state(self) -> Readiness:
         """What /readyz says (sidecar/ops/readiness.py): computed now, from the data path."""

@@ -136,8 +136,9 @@ def test_every_recipe_in_the_config_docs_is_valid() -> None:
     assert len(blocks) >= 5
     for block in blocks:
         doc = yaml.safe_load(block)
-        server = next(iter(doc["authorization_servers"]))
-        doc.setdefault("destinations", [{"host": "api.example", "authorization_server": server}])
+        if "destinations" not in doc:  # a server recipe: route one host through it
+            server = next(iter(doc["authorization_servers"]))
+            doc["destinations"] = [{"host": "api.example", "authorization_server": server}]
         config.parse(doc, env=ENV)  # raises ConfigError with every problem
 
 

@@ -8,13 +8,16 @@ token, no await) and :meth:`Credentials.lookup` (cached, refreshed ahead, single
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+from sidecar.config import AuthorizationServer
 from sidecar.credentials.dpop import DpopKey, NonceStore
 from sidecar.credentials.identity import WorkloadIdentity
 from sidecar.credentials.kind import Credential
 from sidecar.credentials.kinds.oauth import BearerToken, DpopToken
+from sidecar.credentials.kinds.static_header import SecretFiles, StaticHeaders
 from sidecar.credentials.token_cache import Fetch, TokenCache
 from sidecar.credentials.token_client import AccessToken, TokenClient, TokenKey
 from sidecar.routing import Route
@@ -28,7 +31,11 @@ class Credentials:
         cache: TokenCache,
         dpop_key: DpopKey,
         nonces: NonceStore,
+        *,
+        observe: Callable[[str, str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._clock = clock
         self.identity = identity
         self.client = client
         self.cache = cache
@@ -38,6 +45,10 @@ class Credentials:
             "dpop": DpopToken(self, dpop_key, nonces),
             "bearer": BearerToken(self),
         }
+        # Kinds whose state is the route's own (its header names, its files): one per Route
+        # object, so a reloaded config never reuses an old route's.
+        self._files = SecretFiles(observe)
+        self._per_route: dict[int, tuple[Route, StaticHeaders]] = {}
         # (route, scopes, identity) -> (route, key, fetch); the route object itself is kept
         # and compared, so a reloaded config (new Route objects) can never be served a key
         # built for the old one.
@@ -58,7 +69,35 @@ class Credentials:
 
     def kind(self, route: Route) -> Credential[Any]:
         """The kind of credential ``route`` attaches (config validated the name)."""
-        return self._kinds[route.destination.token_type]
+        name = route.destination.credential
+        if name in self._kinds:
+            return self._kinds[name]
+        return self._route_kind(route)
+
+    def _route_kind(self, route: Route) -> StaticHeaders:
+        found = self._per_route.get(id(route))
+        if found is not None and found[0] is route:
+            return found[1]
+        if len(self._per_route) > 4096:  # reloads: old routes are not kept forever
+            self._per_route.clear()
+        kind = StaticHeaders(route, self._files, self._clock)
+        self._per_route[id(route)] = (route, kind)
+        return kind
+
+    def standing(self, route: Route) -> tuple[str, str]:
+        """For a route whose kind needs no authorization server (header): whether it can
+        attach its credential now, as (``ready`` | ``pending`` | ``failing``, why)."""
+        kind = self._route_kind(route)
+        assert isinstance(kind, StaticHeaders)
+        if kind.loaded:
+            return "ready", "its secret files were read"
+        if kind.last_error is None:
+            return "pending", "its secret files have not been read yet"
+        return "failing", kind.last_error
+
+    async def warm(self, route: Route, scopes: tuple[str, ...]) -> None:
+        """Obtain what ``route``'s kind attaches (start-up prefetch), whatever the kind."""
+        await self.kind(route).prepare(route, scopes)
 
     def _key(
         self,
@@ -73,7 +112,7 @@ class Credentials:
         cached = self._keys.get(cache_key)
         if cached is not None and cached[0] is route:
             return cached[1], cached[2]
-        server = route.server
+        server = _server(route)
         dest = route.destination
         key = TokenKey(
             server=server.name,
@@ -98,7 +137,7 @@ class Credentials:
     def _identity_now(self, route: Route) -> tuple[str, str | None] | None:
         """(SPIFFE ID, certificate fingerprint) a token for ``route`` depends on, if already
         known: mTLS-bound tokens change with the X.509-SVID, the others with the SPIFFE ID."""
-        if route.server.client_auth == "mtls":
+        if _server(route).client_auth == "mtls":
             svid = self.identity.x509
             return None if svid is None else (svid.spiffe_id, svid.fingerprint)
         spiffe_id = self.identity.spiffe_id
@@ -108,7 +147,7 @@ class Credentials:
         known = self._identity_now(route)
         if known is not None:
             return known
-        server = route.server
+        server = _server(route)
         if server.client_auth == "mtls":
             svid = await self.identity.x509_svid()
             return svid.spiffe_id, svid.fingerprint
@@ -144,3 +183,9 @@ class Credentials:
 
     def evict(self, key: TokenKey, token: AccessToken) -> None:
         self.cache.evict(key, token)
+
+
+def _server(route: Route) -> AuthorizationServer:
+    """The authorization server of an OAuth route (config requires one for those kinds)."""
+    assert route.server is not None, f"route {route.name} has no authorization server"
+    return route.server

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sidecar.config import SAFE_METHODS, Address, Config, cleartext_settings
+from sidecar.config import SAFE_METHODS, Address, Config, Destination, cleartext_settings
+from sidecar.credentials.kinds.static_header import header_value
 from sidecar.routing import Resolved, RoutingTable, compile_route
 
 
@@ -25,7 +26,7 @@ def check_config(cfg: Config) -> list[str]:
         problems += _ca_problems(server.ca_file, f"{where}.ca_file")
         if server.client_secret_file is not None:
             problems += _readable(server.client_secret_file, f"{where}.client_secret_file")
-    used = {d.authorization_server for d in cfg.destinations if not d.tunnel}
+    used = {d.authorization_server for d in cfg.destinations if d.oauth}
     for name in sorted(set(cfg.authorization_servers) - used):
         problems.append(f"authorization_servers.{name}: not used by any destination")
     for index, dest in enumerate(cfg.destinations):
@@ -33,6 +34,8 @@ def check_config(cfg: Config) -> list[str]:
         problems += _ca_problems(dest.ca_file, f"{where}.ca_file")
         if dest.tunnel:
             continue
+        for h_index, header in enumerate(dest.headers):
+            problems += _header_secret(header.file, f"{where}.headers[{h_index}].file")
         if dest.local_port is not None and dest.host.startswith("*."):
             problems.append(f"{where}.local_port: a wildcard route needs a concrete host")
         seen: dict[tuple[frozenset[str], str], int] = {}
@@ -45,7 +48,7 @@ def check_config(cfg: Config) -> list[str]:
                         f"same methods and path {path!r} and comes first"
                     )
                 seen.setdefault((rule.methods, path), r_index)
-        if dest.default_scopes is None and not dest.rules:
+        if dest.oauth and dest.default_scopes is None and not dest.rules:
             problems.append(
                 f"{where}.scopes: no default and no rules: every request would be refused"
             )
@@ -92,6 +95,30 @@ def _readable(path: Path, where: str) -> list[str]:
     return []
 
 
+def _header_secret(path: Path, where: str) -> list[str]:
+    """A static header's file: readable, and a value a header can carry (never echoed)."""
+    try:
+        if path.stat().st_size > 64 * 1024:
+            return [f"{where}: {path} is larger than 64 KiB"]
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        return [f"{where}: cannot read {path} ({exc.strerror})"]
+    if header_value(text) is None:
+        return [
+            f"{where}: {path} is empty or holds characters a header cannot carry (line "
+            "breaks inside the value, control characters, non-ASCII); content not shown"
+        ]
+    return []
+
+
+def _credential_summary(cfg: Config, dest: Destination) -> str:
+    """How a route gets its credential, for ``check`` (never a value)."""
+    if dest.credential == "header":
+        return "header " + ", ".join(h.name for h in dest.headers) + " (from files)"
+    server = cfg.authorization_servers[dest.authorization_server]
+    return f"via {server.name} ({server.grant}, {server.client_auth}, {dest.token_type})"
+
+
 def summary(cfg: Config) -> str:
     lines = [
         f"config OK: {cfg.source}",
@@ -102,13 +129,14 @@ def summary(cfg: Config) -> str:
             ports = ",".join(map(str, dest.tunnel_ports))
             lines.append(f"  route {dest.name}: CONNECT {dest.host}:{ports} (blind tunnel)")
             continue
-        server = cfg.authorization_servers[dest.authorization_server]
         local = f", local port {dest.local_port}" if dest.local_port else ""
         lines.append(
             f"  route {dest.name}: {dest.host} -> {dest.upstream or 'https://' + dest.host} "
-            f"via {server.name} ({server.grant}, {server.client_auth}, {dest.token_type}){local}"
+            f"{_credential_summary(cfg, dest)}{local}"
         )
-        route = compile_route(dest, server)
+        if not dest.oauth:
+            continue
+        route = compile_route(dest, cfg.authorization_servers[dest.authorization_server])
         lines += [f"    {text}" for text in route.describe_rules]
         if dest.default_scopes is not None:
             lines.append(f"    default -> {' '.join(dest.default_scopes) or '(no scope)'}")
@@ -128,6 +156,14 @@ def explain(cfg: Config, method: str, url: str) -> tuple[str, Resolved]:
         f"{method} {url}",
         f"  route          {route.name} (host {dest.host})",
         f"  upstream       {route.upstream_origin(target)}{target.path}",
+    ]
+    if server is None:
+        lines.append(f"  credential     {_credential_summary(cfg, dest)}")
+        for header in dest.headers:
+            prefix = f", prefix {header.prefix!r}" if header.prefix else ""
+            lines.append(f"    {header.name:12} from {header.file}{prefix}")
+        return "\n".join(lines), resolved
+    lines += [
         f"  scopes         {' '.join(scopes) or '(none)'}",
         f"  because        {why}",
         f"  token          {dest.token_type}, resource={dest.resource} audience={dest.audience}",
@@ -150,6 +186,10 @@ async def fetch_and_describe(cfg: Config, resolved: Resolved) -> str:
         watch=False,
         destinations=tuple(dataclasses.replace(d, local_port=None) for d in cfg.destinations),
     )
+    if resolved.route.server is None:
+        async with Sidecar(quiet, grace=0.1) as sidecar:
+            await sidecar.credentials.warm(resolved.route, resolved.scopes)
+        return "  credential     read and checked (values are never printed)"
     async with Sidecar(quiet, grace=0.1) as sidecar:
         key, token = await sidecar.credentials.token(resolved.route, resolved.scopes)
         claims: dict[str, Any] = dict(token.claims)

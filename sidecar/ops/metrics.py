@@ -68,6 +68,13 @@ class Metrics:
             ["route", "reason"],
             registry=r,
         )
+        self.credentials = Counter(
+            "sidecar_credentials",
+            "Credentials obtained for kinds without a token request (header: a file read), "
+            "by kind and outcome (ok, rejected, unavailable).",
+            ["kind", "outcome"],
+            registry=r,
+        )
         self.token_nonce_retries = Counter(
             "sidecar_token_nonce_retries",
             "Token requests retried with the authorization server's DPoP nonce.",

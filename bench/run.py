@@ -8,6 +8,9 @@ Configurations (interleaved, repeated, medians and ranges reported):
   c  bearer     the sidecar, Bearer route, warm token cache
   d  dpop       the sidecar, DPoP route, a fresh ES256 proof per request, warm cache
   e  dpop x2    (d) with ``--workers 2`` (SO_REUSEPORT)
+  s  sigv4      the sidecar, ``credential: aws_sigv4``: every request signed (SigV4, S3 rules)
+                with session credentials from a local STS stand-in, warm cache (the origin
+                does not check signatures: this measures the signing work)
   r  aiohttp    reference: a straightforward aiohttp server + client proxy adding a static
                 header (``bench/aiohttp_proxy.py``), the yardstick for a Python proxy
 
@@ -41,6 +44,7 @@ from typing import Any
 
 import aiohttp
 import yaml
+from aiohttp import web
 
 from sidecar.devstack.auth_server import DevAuthServer
 from sidecar.devstack.stack import SAAS_HOST, DevStack, dev_stack
@@ -53,6 +57,12 @@ TARGETS = {  # issue 7: what "good" means, per configuration
     "bearer": ("cpu_us", 45.0),
     "dpop": ("cpu_us", 100.0),
 }
+STS_ANSWER = """<AssumeRoleWithWebIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
+<AssumeRoleWithWebIdentityResult><AssumedRoleUser>
+<Arn>arn:aws:sts::123456789012:assumed-role/bench/bench</Arn></AssumedRoleUser><Credentials>
+<AccessKeyId>ASIABENCHEXAMPLE0000</AccessKeyId><SecretAccessKey>benchSecretKeyEXAMPLE</SecretAccessKey>
+<SessionToken>benchSessionTokenEXAMPLE</SessionToken><Expiration>{expiration}</Expiration>
+</Credentials></AssumeRoleWithWebIdentityResult></AssumeRoleWithWebIdentityResponse>"""
 # The issue's reference run measured the plain aiohttp proxy at 205 µs per request; this run's
 # measurement of the same reference rescales the targets to this machine's speed today.
 REFERENCE_AIOHTTP_US = 205.0
@@ -246,27 +256,88 @@ class Proxy:
 
 
 @contextlib.asynccontextmanager
+async def bench_sts(stack: DevStack) -> AsyncIterator[tuple[str, list[str]]]:
+    """A stand-in for AWS STS on loopback: answers AssumeRoleWithWebIdentity (1 h sessions)."""
+    calls: list[str] = []
+
+    async def handle(request: web.BaseRequest) -> web.Response:
+        form = await request.post()
+        calls.append(str(form.get("RoleSessionName")))
+        expiration = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
+        return web.Response(text=STS_ANSWER.format(expiration=expiration), content_type="text/xml")
+
+    server = web.Server(handle, access_log=None)
+    runner = web.ServerRunner(server)
+    await runner.setup()
+    tls = stack.ca.issue_server("localhost", "127.0.0.1")
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls.server_context())
+    await site.start()
+    try:
+        yield f"https://127.0.0.1:{runner.addresses[0][1]}/", calls
+    finally:
+        await runner.cleanup()
+
+
+def sigv4_config(stack: DevStack, sts_url: str, origin: Origin, **top: Any) -> dict[str, Any]:
+    doc = stack.sidecar_config(destination={"upstream": origin.url}, **top)
+    doc["authorization_servers"] = {
+        "aws": {
+            "kind": "aws_sts",
+            "token_endpoint": sts_url,
+            "ca_file": str(stack.ca_file),
+            "role_arn": "arn:aws:iam::123456789012:role/bench",
+        }
+    }
+    dest = doc["destinations"][0]
+    for key in ("resource", "scopes"):
+        dest.pop(key, None)
+    dest.update(
+        credential="aws_sigv4",
+        authorization_server="aws",
+        aws={"service": "s3", "region": "us-east-1"},
+    )
+    return doc
+
+
+@contextlib.asynccontextmanager
 async def sidecar_proxy(
-    name: str, label: str, stack: DevStack, origin: Origin, work: Path, *, dpop: bool, workers: int
+    name: str,
+    label: str,
+    stack: DevStack,
+    origin: Origin,
+    work: Path,
+    *,
+    dpop: bool,
+    workers: int,
+    sigv4: bool = False,
 ) -> AsyncIterator[Proxy]:
     tls = stack.ca.issue_server("localhost", "127.0.0.1")
     as_tls = tls.server_context(client_ca_pem=stack.trust_domain.x509_bundle_pem)
-    async with DevAuthServer(
-        trust_jwks=stack.trust_domain.jwks,
-        ssl_context=as_tls,
-        token_ttl=3600,
-        require_dpop=dpop,
-        issue_bearer=not dpop,
-    ) as auth:
+    async with (
+        DevAuthServer(
+            trust_jwks=stack.trust_domain.jwks,
+            ssl_context=as_tls,
+            token_ttl=3600,
+            require_dpop=dpop,
+            issue_bearer=not dpop,
+        ) as auth,
+        bench_sts(stack) as (sts_url, sts_calls),
+    ):
         listen, admin = _free_port(), _free_port()
-        doc = stack.sidecar_config(
-            authorization_server={"issuer": auth.issuer, "dpop": dpop},
-            destination={"upstream": origin.url, "token_type": "dpop" if dpop else "bearer"},
-            listen=f"127.0.0.1:{listen}",
-            admin=f"127.0.0.1:{admin}",
-            log={"level": "warning"},
-            tokens={"prefetch": True},  # readiness waits for a token per route
-        )
+        top: dict[str, Any] = {
+            "listen": f"127.0.0.1:{listen}",
+            "admin": f"127.0.0.1:{admin}",
+            "log": {"level": "warning"},
+            "tokens": {"prefetch": True},  # readiness waits for a token per route
+        }
+        if sigv4:
+            doc = sigv4_config(stack, sts_url, origin, **top)
+        else:
+            doc = stack.sidecar_config(
+                authorization_server={"issuer": auth.issuer, "dpop": dpop},
+                destination={"upstream": origin.url, "token_type": "dpop" if dpop else "bearer"},
+                **top,
+            )
         path = work / f"sidecar-{name}.yaml"
         path.write_text(yaml.safe_dump(doc))
         started = time.perf_counter()
@@ -295,7 +366,7 @@ async def sidecar_proxy(
                 label,
                 f"127.0.0.1:{listen}",
                 pids=lambda: process_tree(process.pid),
-                token_requests=lambda: len(auth.token_requests),
+                token_requests=lambda: len(sts_calls if sigv4 else auth.token_requests),
                 ready_ms=(ready - started) * 1000,
             )
             # Warm the token cache (and, with workers, every worker's: keep asking a while).
@@ -549,6 +620,7 @@ def report(
         for name, what in (
             ("bearer", "routing, credentials, header hygiene, metrics and audit"),
             ("dpop", "the same and a fresh ES256 proof"),
+            ("sigv4", "the same and a SigV4 signature (canonical request, HMAC chain)"),
         ):
             mine = samples.get((name, "saturation"))
             value = mine.median("cpu_us") if mine else None
@@ -620,12 +692,22 @@ async def bench(args: argparse.Namespace) -> str:
                 ("bearer", "(c) sidecar, Bearer", False, 1),
                 ("dpop", "(d) sidecar, DPoP proof per request", True, 1),
                 ("dpop2", "(e) sidecar, DPoP, --workers 2", True, 2),
+                ("sigv4", "(s) sidecar, AWS SigV4 signature per request", False, 1),
             ):
                 if args.only and name not in args.only:
                     continue
                 proxies.append(
                     await stack_exit.enter_async_context(
-                        sidecar_proxy(name, label, stack, origin, work, dpop=dpop, workers=workers)
+                        sidecar_proxy(
+                            name,
+                            label,
+                            stack,
+                            origin,
+                            work,
+                            dpop=dpop,
+                            workers=workers,
+                            sigv4=name == "sigv4",
+                        )
                     )
                 )
             samples: dict[tuple[str, str], Samples] = {
@@ -678,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per cell")
     parser.add_argument("--budget", type=float, default=480.0, help="stop starting rounds after")
-    parser.add_argument("--only", nargs="*", help="sidecar configurations: bearer dpop dpop2")
+    parser.add_argument("--only", nargs="*", help="sidecar configurations: bearer dpop dpop2 sigv4")
     parser.add_argument("--python-load", action="store_true", help="use bench.load, not wrk")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where to write results")
     parser.add_argument("--aiohttp-origin", action="store_true", help="do not use nginx")

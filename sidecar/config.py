@@ -37,9 +37,19 @@ ReadinessPolicy = Literal["startup", "strict"]
 READINESS_POLICIES: tuple[ReadinessPolicy, ...] = ("startup", "strict")
 # A route's kind of credential (sidecar/credentials/kinds/): an OAuth access token (dpop,
 # bearer) from its authorization server, or secrets read from files (header).
-CredentialKind = Literal["dpop", "bearer", "header"]
-CREDENTIAL_KINDS: tuple[CredentialKind, ...] = ("dpop", "bearer", "header")
+# aws_sigv4: requests signed with session credentials from an ``aws_sts`` server.
+CredentialKind = Literal["dpop", "bearer", "header", "aws_sigv4"]
+CREDENTIAL_KINDS: tuple[CredentialKind, ...] = ("dpop", "bearer", "header", "aws_sigv4")
 OAUTH_KINDS = frozenset({"dpop", "bearer"})
+SERVER_KINDS = ("oauth", "aws_sts")
+# Kinds that get what they attach from an authorization server, and the server kind they need.
+SERVER_KIND_OF = {"dpop": "oauth", "bearer": "oauth", "aws_sigv4": "aws_sts"}
+AWS_STS_AUDIENCE = "sts.amazonaws.com"
+# IAM: RoleSessionName is [\w+=,.@-]{2,64}; a role ARN's partition, account and path.
+_AWS_SESSION = re.compile(r"^[\w+=,.@-]{2,64}$", re.ASCII)
+_AWS_ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]{1,512}$", re.ASCII)
+_AWS_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d$")
+_AWS_SERVICE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
 CLIENT_AUTHS: tuple[ClientAuth, ...] = ("jwt_svid", "jwt_bearer", "mtls", "client_secret", "none")
 GRANTS: tuple[Grant, ...] = ("client_credentials", "token_exchange", "jwt_bearer")
@@ -104,6 +114,10 @@ class AuthorizationServer:
     subject_token_type: str = "urn:ietf:params:oauth:token-type:jwt"  # grant: token_exchange
     requested_token_type: str | None = None  # grant: token_exchange; sent only when set
     allow_cleartext: bool = False  # allow_cleartext_development_only: http:// issuer/endpoint
+    kind: Literal["oauth", "aws_sts"] = "oauth"
+    role_arn: str | None = None  # aws_sts: the role AssumeRoleWithWebIdentity assumes
+    session_name: str | None = None  # aws_sts: None: derived from the SPIFFE ID
+    duration: int = 3600  # aws_sts: DurationSeconds
 
     @property
     def jwt_svid_audience(self) -> str:
@@ -156,11 +170,14 @@ class Destination:
     allow_cleartext: bool = False  # allow_cleartext_development_only: an http:// upstream
     credential: CredentialKind = "dpop"  # the route's kind (token_type for the OAuth ones)
     headers: tuple[StaticHeader, ...] = ()  # credential: header
+    aws_service: str | None = None  # credential: aws_sigv4 (configured or derived from host)
+    aws_region: str | None = None
 
     @property
-    def oauth(self) -> bool:
-        """Whether the route's credential is an OAuth access token from its server."""
-        return not self.tunnel and self.credential in OAUTH_KINDS
+    def has_server(self) -> bool:
+        """Whether the route's credential comes from an authorization server (an OAuth token
+        or, for aws_sigv4, STS session credentials)."""
+        return not self.tunnel and self.credential in SERVER_KIND_OF
 
 
 @dataclass(frozen=True)
@@ -392,9 +409,19 @@ def _authorization_server(name: str, node: _Node, base: Path) -> AuthorizationSe
         "subject_token_type",
         "requested_token_type",
         CLEARTEXT_FLAG,
+        "kind",
+        "region",
+        "role_arn",
+        "session_name",
+        "duration",
     }
     if not node.mapping(keys):
         return None
+    if node.choice("kind", SERVER_KINDS, "oauth") == "aws_sts":
+        return _aws_sts(name, node, base)
+    for key in ("region", "role_arn", "session_name", "duration"):
+        if node.child(key).value is not None:
+            node.child(key).problem("is only used with kind: aws_sts")
     cleartext = bool(node.get(CLEARTEXT_FLAG, bool, False))
     issuer = node.check("issuer", lambda v: _https_url(v, cleartext=cleartext))
     token_endpoint = node.check("token_endpoint", lambda v: _https_url(v, cleartext=cleartext))
@@ -438,6 +465,74 @@ def _authorization_server(name: str, node: _Node, base: Path) -> AuthorizationSe
     )
 
 
+def _aws_sts(name: str, node: _Node, base: Path) -> AuthorizationServer | None:
+    """``kind: aws_sts``: AssumeRoleWithWebIdentity with the JWT-SVID as web identity token."""
+    for key in (
+        CLEARTEXT_FLAG,  # STS is https only
+        "issuer",
+        "client_auth",
+        "grant",
+        "dpop",
+        "client_id",
+        "client_secret_file",
+        "subject_token_type",
+        "requested_token_type",
+    ):
+        if node.child(key).value is not None:
+            node.child(key).problem("is not used with kind: aws_sts")
+    region = node.check(
+        "region", lambda v: None if _AWS_REGION.match(v) else "must be an AWS region"
+    )
+    endpoint = node.check("token_endpoint", _https_url)
+    if region is None and endpoint is None and node.child("region").value is None:
+        node.child("region").problem("is required (or a token_endpoint: the STS endpoint)")
+    role_arn = node.check(
+        "role_arn", lambda v: None if _AWS_ROLE_ARN.match(v) else "must be an IAM role ARN"
+    )
+    if node.child("role_arn").value is None:
+        node.child("role_arn").problem("is required")
+    session = node.check(
+        "session_name",
+        lambda v: None if _AWS_SESSION.match(v) else r"must match [\w+=,.@-]{2,64} (IAM)",
+    )
+    # IAM: 900 s to the role's maximum session duration (at most 12 h).
+    duration = _port_like(node, "duration", 3600, 900, 43200) or 3600
+    return AuthorizationServer(
+        name=name,
+        issuer=None,
+        token_endpoint=endpoint or (f"https://sts.{region}.amazonaws.com/" if region else None),
+        ca_file=_file(node, "ca_file", base),
+        client_auth="none",
+        grant="token_exchange",  # the JWT-SVID is exchanged: it is fetched for every request
+        dpop=False,
+        client_id=None,
+        svid_audience=node.get("svid_audience", str) or AWS_STS_AUDIENCE,
+        timeout=_positive(node, "timeout", 10.0),
+        kind="aws_sts",
+        role_arn=role_arn,
+        session_name=session,
+        duration=duration,
+    )
+
+
+def aws_scope(host: str) -> tuple[str, str] | None:
+    """(service, region) from a standard AWS endpoint host: ``<svc>.<region>.amazonaws.com``,
+    ``<bucket>.s3.<region>.amazonaws.com``, ``s3.amazonaws.com`` and other global endpoints
+    (us-east-1); ``*.`` wildcards by their suffix. None when the host is not one."""
+    labels = host.removeprefix("*.").split(".")
+    if labels[-2:] != ["amazonaws", "com"] or len(labels) < 3:
+        return None
+    inner = labels[:-2]
+    if len(inner) >= 2 and _AWS_REGION.match(inner[-1]):
+        service = inner[-2]
+        if service.startswith("s3") and service != "s3":  # s3-accelerate, s3-fips, ...
+            service = "s3"
+        return service, inner[-1]
+    if inner[-1] == "s3" or inner[-1] in ("iam", "sts", "route53", "cloudfront"):
+        return inner[-1], "us-east-1"  # global endpoints sign for us-east-1
+    return None
+
+
 def _positive(node: _Node, key: str, default: float) -> float:
     value = node.get(key, float, default)
     assert value is not None
@@ -479,6 +574,7 @@ def _destination(node: _Node, servers: Mapping[str, object], base: Path) -> Dest
         CLEARTEXT_FLAG,
         "credential",
         "headers",
+        "aws",
     }
     if not node.mapping(keys):
         return None
@@ -493,8 +589,11 @@ def _destination(node: _Node, servers: Mapping[str, object], base: Path) -> Dest
     token_type = node.choice("token_type", ("dpop", "bearer"), "dpop")
     credential = _credential(node, token_type)
     oauth = credential in OAUTH_KINDS
-    as_name = node.get("authorization_server", str, required=not tunnel and oauth)
+    as_name = node.get(
+        "authorization_server", str, required=not tunnel and credential in SERVER_KIND_OF
+    )
     headers = _static_headers(node, credential, base)
+    aws = _aws_signing(node, credential, host)
     if tunnel:
         for key in ("authorization_server", "scopes", "resource", "audience", "upstream"):
             if node.child(key).value is not None:
@@ -506,6 +605,12 @@ def _destination(node: _Node, servers: Mapping[str, object], base: Path) -> Dest
         node.child("authorization_server").problem(
             f"unknown authorization server {as_name!r} ({known})"
         )
+    elif as_name is not None and credential in SERVER_KIND_OF:
+        wanted, got = SERVER_KIND_OF[credential], getattr(servers[as_name], "kind", "oauth")
+        if got != wanted:
+            node.child("authorization_server").problem(
+                f"{as_name!r} is a {got} server; credential {credential} needs a {wanted} one"
+            )
     scopes = node.child("scopes")
     default: tuple[str, ...] | None = None
     rules: tuple[ScopeRule, ...] = ()
@@ -525,6 +630,8 @@ def _destination(node: _Node, servers: Mapping[str, object], base: Path) -> Dest
         default_scopes=default if oauth or tunnel else (),  # no token, no scopes to choose
         credential=credential,  # type: ignore[arg-type]
         headers=headers,
+        aws_service=aws[0] if aws else None,
+        aws_region=aws[1] if aws else None,
         rules=rules,
         ca_file=_file(node, "ca_file", base),
         allow_private=bool(node.get("allow_private", bool, False)),
@@ -561,9 +668,41 @@ def _credential(node: _Node, token_type: str) -> str:
     if bool(node.get("tunnel", bool, False)):
         node.child("credential").problem("a tunnel route carries no credential: remove it")
     for key in ("authorization_server", "scopes", "resource", "audience", "token_type"):
+        if credential == "aws_sigv4" and key == "authorization_server":
+            continue  # its aws_sts server
         if node.child(key).value is not None:
             node.child(key).problem(f"is for OAuth routes; credential: {credential} takes none")
     return credential
+
+
+def _aws_signing(node: _Node, credential: str, host: str | None) -> tuple[str, str] | None:
+    """``aws: {service, region}`` of an aws_sigv4 route, else derived from its host."""
+    aws = node.child("aws")
+    if credential != "aws_sigv4":
+        if aws.value is not None:
+            aws.problem("is only used with credential: aws_sigv4")
+        return None
+    derived = aws_scope(host) if host else None
+    service, region = derived or (None, None)
+    if aws.value is not None and aws.mapping({"service", "region"}):
+        service = (
+            aws.check(
+                "service",
+                lambda v: None if _AWS_SERVICE.match(v) else "must be an AWS service name",
+            )
+            or service
+        )
+        region = (
+            aws.check("region", lambda v: None if _AWS_REGION.match(v) else "must be an AWS region")
+            or region
+        )
+    if (service is None or region is None) and host:
+        aws.problem(
+            f"cannot derive the signing service and region from host {host!r}: set "
+            "aws: {service: ..., region: ...}"
+        )
+        return None
+    return (service, region) if service and region else None
 
 
 def _static_headers(node: _Node, credential: str, base: Path) -> tuple[StaticHeader, ...]:
@@ -635,7 +774,7 @@ def _needs_server(destinations: object) -> bool:
         return True
     return any(
         not isinstance(d, dict)
-        or (not d.get("tunnel") and d.get("credential", "dpop") in OAUTH_KINDS)
+        or (not d.get("tunnel") and d.get("credential", "dpop") in SERVER_KIND_OF)
         for d in destinations
     )
 

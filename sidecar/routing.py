@@ -368,7 +368,9 @@ class RoutingTable:
             if dest.tunnel:
                 self._tunnels[dest.host] = dest
                 continue
-            server = config.authorization_servers[dest.authorization_server] if dest.oauth else None
+            server = (
+                config.authorization_servers[dest.authorization_server] if dest.has_server else None
+            )
             route = compile_route(dest, server)
             if dest.host.startswith("*."):
                 self._wildcard[dest.host[2:]] = route

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from sidecar.config import Address, AuthorizationServer, Config, cleartext_settings
 from sidecar.config import load as load_config
+from sidecar.credentials.aws_sts import assume_role
 from sidecar.credentials.broker import Credentials
 from sidecar.credentials.dpop import DpopKey, NonceStore
 from sidecar.credentials.identity import WorkloadIdentity
@@ -128,6 +129,7 @@ class Sidecar:
             clock=self._clock,
             wall=wall_clock,
             observe=self._observe_token,
+            exchanges={"aws_sts": assume_role},
         )
         cache = TokenCache(self._background, clock=self._clock, wait=config.token_wait)
         self.credentials = Credentials(

@@ -16,6 +16,7 @@ from sidecar.config import AuthorizationServer
 from sidecar.credentials.dpop import DpopKey, NonceStore
 from sidecar.credentials.identity import WorkloadIdentity
 from sidecar.credentials.kind import Credential
+from sidecar.credentials.kinds.aws_sigv4 import AwsSigV4
 from sidecar.credentials.kinds.oauth import BearerToken, DpopToken
 from sidecar.credentials.kinds.static_header import SecretFiles, StaticHeaders
 from sidecar.credentials.token_cache import Fetch, TokenCache
@@ -34,8 +35,10 @@ class Credentials:
         *,
         observe: Callable[[str, str], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self._clock = clock
+        self._wall = wall  # SigV4's X-Amz-Date
         self.identity = identity
         self.client = client
         self.cache = cache
@@ -48,7 +51,7 @@ class Credentials:
         # Kinds whose state is the route's own (its header names, its files): one per Route
         # object, so a reloaded config never reuses an old route's.
         self._files = SecretFiles(observe)
-        self._per_route: dict[int, tuple[Route, StaticHeaders]] = {}
+        self._per_route: dict[int, tuple[Route, Credential[Any]]] = {}
         # (route, scopes, identity) -> (route, key, fetch); the route object itself is kept
         # and compared, so a reloaded config (new Route objects) can never be served a key
         # built for the old one.
@@ -74,13 +77,20 @@ class Credentials:
             return self._kinds[name]
         return self._route_kind(route)
 
-    def _route_kind(self, route: Route) -> StaticHeaders:
+    def _route_kind(self, route: Route) -> Credential[Any]:
         found = self._per_route.get(id(route))
         if found is not None and found[0] is route:
             return found[1]
         if len(self._per_route) > 4096:  # reloads: old routes are not kept forever
             self._per_route.clear()
-        kind = StaticHeaders(route, self._files, self._clock)
+        dest = route.destination
+        kind: Credential[Any]
+        if dest.credential == "aws_sigv4":
+            assert dest.aws_service is not None  # validated: configured or derived
+            assert dest.aws_region is not None
+            kind = AwsSigV4(self, dest.aws_service, dest.aws_region, self._wall)
+        else:
+            kind = StaticHeaders(route, self._files, self._clock)
         self._per_route[id(route)] = (route, kind)
         return kind
 

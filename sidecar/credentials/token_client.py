@@ -24,7 +24,7 @@ import math
 import re
 import ssl
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -389,6 +389,11 @@ class Transport(Protocol):
     async def close(self) -> None: ...
 
 
+Exchange = Callable[["TokenClient", AuthorizationServer, "TokenKey", str], Awaitable["AccessToken"]]
+"""How a server of another ``kind`` than ``oauth`` issues credentials (``aws_sts``: see
+:mod:`sidecar.credentials.aws_sts`), over the client's transport (:meth:`TokenClient.post`)."""
+
+
 class TokenClient:
     """The I/O edge: discovery and token requests through a :class:`Transport`."""
 
@@ -403,7 +408,10 @@ class TokenClient:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         observe: Callable[[str, str], None] | None = None,
+        exchanges: Mapping[str, Exchange] | None = None,
     ) -> None:
+        self._exchanges = dict(exchanges or {})
+        self.identity = identity
         self._observe = observe or (lambda server, outcome: None)
         self._wall = wall  # epoch seconds, to read a JWT's exp
         self.issued_by: set[str] = set()  # servers that issued at least one token
@@ -423,10 +431,18 @@ class TokenClient:
     async def close(self) -> None:
         await self._transport.close()
 
+    def now(self) -> float:
+        """The client's monotonic clock (issued_at / expires_at of what it returns)."""
+        return self._clock()
+
     async def fetch(self, server: AuthorizationServer, key: TokenKey, route: str) -> AccessToken:
         """One token from ``server``; the outcome is counted and remembered for readiness."""
+        exchange = self._exchanges.get(server.kind)
         try:
-            token = await self._fetch(server, key, route)
+            if exchange is not None:
+                token = await exchange(self, server, key, route)
+            else:
+                token = await self._fetch(server, key, route)
         except ProxyError as exc:
             outcome = "unavailable" if exc.status in (503, 504) else "rejected"
             # Codes and our own sentences only: never the AS's free text (errors.py).
@@ -522,6 +538,20 @@ class TokenClient:
             },
         )
         return token
+
+    async def post(
+        self,
+        server: AuthorizationServer,
+        url: str,
+        body: bytes,
+        headers: list[tuple[str, str]],
+        route: str,
+    ) -> tuple[int, bytes]:
+        """One POST to ``server`` (its TLS context, timeout and answer cap): for exchanges."""
+        status, answer, _ = await self._post(
+            server, url, body, headers, route, await self._ssl(server)
+        )
+        return status, answer
 
     async def _post(
         self,

@@ -26,7 +26,7 @@ def check_config(cfg: Config) -> list[str]:
         problems += _ca_problems(server.ca_file, f"{where}.ca_file")
         if server.client_secret_file is not None:
             problems += _readable(server.client_secret_file, f"{where}.client_secret_file")
-    used = {d.authorization_server for d in cfg.destinations if d.oauth}
+    used = {d.authorization_server for d in cfg.destinations if d.has_server}
     for name in sorted(set(cfg.authorization_servers) - used):
         problems.append(f"authorization_servers.{name}: not used by any destination")
     for index, dest in enumerate(cfg.destinations):
@@ -48,7 +48,7 @@ def check_config(cfg: Config) -> list[str]:
                         f"same methods and path {path!r} and comes first"
                     )
                 seen.setdefault((rule.methods, path), r_index)
-        if dest.oauth and dest.default_scopes is None and not dest.rules:
+        if dest.has_server and dest.default_scopes is None and not dest.rules:
             problems.append(
                 f"{where}.scopes: no default and no rules: every request would be refused"
             )
@@ -116,6 +116,11 @@ def _credential_summary(cfg: Config, dest: Destination) -> str:
     if dest.credential == "header":
         return "header " + ", ".join(h.name for h in dest.headers) + " (from files)"
     server = cfg.authorization_servers[dest.authorization_server]
+    if dest.credential == "aws_sigv4":
+        return (
+            f"aws_sigv4 (service {dest.aws_service}, region {dest.aws_region}) via "
+            f"{server.name} (aws_sts, role {server.role_arn})"
+        )
     return f"via {server.name} ({server.grant}, {server.client_auth}, {dest.token_type})"
 
 
@@ -134,7 +139,7 @@ def summary(cfg: Config) -> str:
             f"  route {dest.name}: {dest.host} -> {dest.upstream or 'https://' + dest.host} "
             f"{_credential_summary(cfg, dest)}{local}"
         )
-        if not dest.oauth:
+        if not dest.has_server:
             continue
         route = compile_route(dest, cfg.authorization_servers[dest.authorization_server])
         lines += [f"    {text}" for text in route.describe_rules]
@@ -163,6 +168,16 @@ def explain(cfg: Config, method: str, url: str) -> tuple[str, Resolved]:
             prefix = f", prefix {header.prefix!r}" if header.prefix else ""
             lines.append(f"    {header.name:12} from {header.file}{prefix}")
         return "\n".join(lines), resolved
+    if server.kind == "aws_sts":
+        lines += [
+            f"  credential     {_credential_summary(cfg, dest)}",
+            f"  from           {server.name}: AssumeRoleWithWebIdentity at {server.token_endpoint}",
+            f"  role           {server.role_arn}, {server.duration} s",
+            "  session name   "
+            + (server.session_name or "derived from the SPIFFE ID ([\\w+=,.@-]{2,64})"),
+            f"  web identity   the JWT-SVID for audience {server.jwt_svid_audience}",
+        ]
+        return "\n".join(lines), resolved
     lines += [
         f"  scopes         {' '.join(scopes) or '(none)'}",
         f"  because        {why}",
@@ -186,10 +201,10 @@ async def fetch_and_describe(cfg: Config, resolved: Resolved) -> str:
         watch=False,
         destinations=tuple(dataclasses.replace(d, local_port=None) for d in cfg.destinations),
     )
-    if resolved.route.server is None:
+    if resolved.route.server is None or resolved.route.server.kind == "aws_sts":
         async with Sidecar(quiet, grace=0.1) as sidecar:
             await sidecar.credentials.warm(resolved.route, resolved.scopes)
-        return "  credential     read and checked (values are never printed)"
+        return "  credential     obtained and checked (values and keys are never printed)"
     async with Sidecar(quiet, grace=0.1) as sidecar:
         key, token = await sidecar.credentials.token(resolved.route, resolved.scopes)
         claims: dict[str, Any] = dict(token.claims)

@@ -96,7 +96,7 @@ def test_a_header_route_needs_no_authorization_server(tmp_path: Path) -> None:
     )
     (dest,) = cfg.destinations
     assert dest.credential == "header"
-    assert not dest.oauth
+    assert not dest.has_server
     assert [(h.name, h.file, h.prefix) for h in dest.headers] == [
         ("X-Api-Key", tmp_path / "key", ""),
         ("Authorization", Path("/abs/tok"), "Bearer "),
@@ -278,6 +278,10 @@ async def test_headers_are_set_from_files_and_the_apps_own_are_stripped(
     assert [(a["route"], a["kind"], a["headers"]) for a in audit] == [
         ("saas", "header", "Authorization,X-Account-Id")
     ]
+    requests = [r for r in map(json.loads, logs.lines) if r.get("event") == "request"]
+    assert [(r["token_kind"], r["token_headers"]) for r in requests] == [
+        ("header", "Authorization,X-Account-Id")
+    ] * 2
     assert_no_secrets(logs.text(), [API_KEY, ACCOUNT])
 
 

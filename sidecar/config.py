@@ -41,9 +41,21 @@ READINESS_POLICIES: tuple[ReadinessPolicy, ...] = ("startup", "strict")
 CredentialKind = Literal["dpop", "bearer", "header", "aws_sigv4"]
 CREDENTIAL_KINDS: tuple[CredentialKind, ...] = ("dpop", "bearer", "header", "aws_sigv4")
 OAUTH_KINDS = frozenset({"dpop", "bearer"})
-SERVER_KINDS = ("oauth", "aws_sts")
-# Kinds that get what they attach from an authorization server, and the server kind they need.
-SERVER_KIND_OF = {"dpop": "oauth", "bearer": "oauth", "aws_sigv4": "aws_sts"}
+SERVER_KINDS = ("oauth", "aws_sts", "google_sts")
+# Kinds that get what they attach from an authorization server, and the server kinds they take.
+SERVER_KIND_OF = {
+    "dpop": ("oauth",),
+    "bearer": ("oauth", "google_sts"),
+    "aws_sigv4": ("aws_sts",),
+}
+GOOGLE_STS = "https://sts.googleapis.com/v1/token"
+GOOGLE_IAM_CREDENTIALS = "https://iamcredentials.googleapis.com"
+# //iam.googleapis.com/projects/N/locations/global/workloadIdentityPools/P/providers/X
+_GOOGLE_PROVIDER = re.compile(
+    r"^//iam\.googleapis\.com/projects/\d+/locations/[a-z0-9-]+/workloadIdentityPools/"
+    r"[a-z0-9-]{4,32}/providers/[a-z0-9-]{4,32}$"
+)
+_GOOGLE_SA = re.compile(r"^[a-z][a-z0-9-]{4,28}[a-z0-9]@[a-z0-9.-]+\.iam\.gserviceaccount\.com$")
 AWS_STS_AUDIENCE = "sts.amazonaws.com"
 # IAM: RoleSessionName is [\w+=,.@-]{2,64}; a role ARN's partition, account and path.
 _AWS_SESSION = re.compile(r"^[\w+=,.@-]{2,64}$", re.ASCII)
@@ -114,10 +126,13 @@ class AuthorizationServer:
     subject_token_type: str = "urn:ietf:params:oauth:token-type:jwt"  # grant: token_exchange
     requested_token_type: str | None = None  # grant: token_exchange; sent only when set
     allow_cleartext: bool = False  # allow_cleartext_development_only: http:// issuer/endpoint
-    kind: Literal["oauth", "aws_sts"] = "oauth"
+    kind: Literal["oauth", "aws_sts", "google_sts"] = "oauth"
     role_arn: str | None = None  # aws_sts: the role AssumeRoleWithWebIdentity assumes
     session_name: str | None = None  # aws_sts: None: derived from the SPIFFE ID
-    duration: int = 3600  # aws_sts: DurationSeconds
+    duration: int = 3600  # aws_sts: DurationSeconds; google_sts: generateAccessToken lifetime
+    provider: str | None = None  # google_sts: the workload identity pool provider (audience)
+    service_account: str | None = None  # google_sts: impersonated with generateAccessToken
+    impersonation_endpoint: str = GOOGLE_IAM_CREDENTIALS  # google_sts: IAM Credentials API
 
     @property
     def jwt_svid_audience(self) -> str:
@@ -414,14 +429,24 @@ def _authorization_server(name: str, node: _Node, base: Path) -> AuthorizationSe
         "role_arn",
         "session_name",
         "duration",
+        "provider",
+        "service_account",
+        "impersonation_endpoint",
+        "lifetime",
     }
     if not node.mapping(keys):
         return None
-    if node.choice("kind", SERVER_KINDS, "oauth") == "aws_sts":
+    kind = node.choice("kind", SERVER_KINDS, "oauth")
+    if kind == "aws_sts":
         return _aws_sts(name, node, base)
+    if kind == "google_sts":
+        return _google_sts(name, node, base)
     for key in ("region", "role_arn", "session_name", "duration"):
         if node.child(key).value is not None:
             node.child(key).problem("is only used with kind: aws_sts")
+    for key in ("provider", "service_account", "impersonation_endpoint", "lifetime"):
+        if node.child(key).value is not None:
+            node.child(key).problem("is only used with kind: google_sts")
     cleartext = bool(node.get(CLEARTEXT_FLAG, bool, False))
     issuer = node.check("issuer", lambda v: _https_url(v, cleartext=cleartext))
     token_endpoint = node.check("token_endpoint", lambda v: _https_url(v, cleartext=cleartext))
@@ -512,6 +537,66 @@ def _aws_sts(name: str, node: _Node, base: Path) -> AuthorizationServer | None:
         role_arn=role_arn,
         session_name=session,
         duration=duration,
+    )
+
+
+def _google_sts(name: str, node: _Node, base: Path) -> AuthorizationServer | None:
+    """``kind: google_sts``: workload identity federation (RFC 8693 at Google's STS with the
+    JWT-SVID), then, with ``service_account``, IAM Credentials generateAccessToken."""
+    for key in (
+        CLEARTEXT_FLAG,  # Google's endpoints are https only
+        "issuer",
+        "client_auth",
+        "grant",
+        "dpop",
+        "client_id",
+        "client_secret_file",
+        "subject_token_type",
+        "requested_token_type",
+        "region",
+        "role_arn",
+        "session_name",
+        "duration",
+    ):
+        if node.child(key).value is not None:
+            node.child(key).problem("is not used with kind: google_sts")
+    provider = node.check(
+        "provider",
+        lambda v: (
+            None
+            if _GOOGLE_PROVIDER.match(v)
+            else "must be //iam.googleapis.com/projects/<number>/locations/global/"
+            "workloadIdentityPools/<pool>/providers/<provider>"
+        ),
+    )
+    if node.child("provider").value is None:
+        node.child("provider").problem("is required (the workload identity pool provider)")
+    account = node.check(
+        "service_account",
+        lambda v: None if _GOOGLE_SA.match(v) else "must be a service account e-mail address",
+    )
+    iam = node.check("impersonation_endpoint", lambda v: _https_url(v, allow_path=False))
+    if node.child("lifetime").value is not None and account is None:
+        node.child("lifetime").problem("is only used with service_account")
+    # IAM Credentials: up to 1 h, 12 h where the organisation policy allows it.
+    lifetime = _port_like(node, "lifetime", 3600, 1, 43200) or 3600
+    return AuthorizationServer(
+        name=name,
+        issuer=None,
+        token_endpoint=node.check("token_endpoint", _https_url) or GOOGLE_STS,
+        ca_file=_file(node, "ca_file", base),
+        client_auth="none",
+        grant="token_exchange",
+        dpop=False,
+        client_id=None,
+        # Google's default allowed audience: the provider's resource name with "https:".
+        svid_audience=node.get("svid_audience", str) or (f"https:{provider}" if provider else None),
+        timeout=_positive(node, "timeout", 10.0),
+        kind="google_sts",
+        provider=provider,
+        service_account=account,
+        impersonation_endpoint=(iam or GOOGLE_IAM_CREDENTIALS).rstrip("/"),
+        duration=lifetime,
     )
 
 
@@ -607,9 +692,10 @@ def _destination(node: _Node, servers: Mapping[str, object], base: Path) -> Dest
         )
     elif as_name is not None and credential in SERVER_KIND_OF:
         wanted, got = SERVER_KIND_OF[credential], getattr(servers[as_name], "kind", "oauth")
-        if got != wanted:
+        if got not in wanted:
             node.child("authorization_server").problem(
-                f"{as_name!r} is a {got} server; credential {credential} needs a {wanted} one"
+                f"{as_name!r} is a {got} server; credential {credential} needs "
+                f"{' or '.join(wanted)}"
             )
     scopes = node.child("scopes")
     default: tuple[str, ...] | None = None

@@ -22,6 +22,7 @@ from sidecar.config import load as load_config
 from sidecar.credentials.aws_sts import assume_role
 from sidecar.credentials.broker import Credentials
 from sidecar.credentials.dpop import DpopKey, NonceStore
+from sidecar.credentials.google_sts import federate
 from sidecar.credentials.identity import WorkloadIdentity
 from sidecar.credentials.token_cache import TokenCache
 from sidecar.credentials.token_client import TokenClient
@@ -129,7 +130,7 @@ class Sidecar:
             clock=self._clock,
             wall=wall_clock,
             observe=self._observe_token,
-            exchanges={"aws_sts": assume_role},
+            exchanges={"aws_sts": assume_role, "google_sts": federate},
         )
         cache = TokenCache(self._background, clock=self._clock, wait=config.token_wait)
         self.credentials = Credentials(

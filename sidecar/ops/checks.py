@@ -116,6 +116,9 @@ def _credential_summary(cfg: Config, dest: Destination) -> str:
     if dest.credential == "header":
         return "header " + ", ".join(h.name for h in dest.headers) + " (from files)"
     server = cfg.authorization_servers[dest.authorization_server]
+    if server.kind == "google_sts":
+        account = f", as {server.service_account}" if server.service_account else ""
+        return f"via {server.name} (google_sts{account}, bearer)"
     if dest.credential == "aws_sigv4":
         return (
             f"aws_sigv4 (service {dest.aws_service}, region {dest.aws_region}) via "
@@ -176,6 +179,16 @@ def explain(cfg: Config, method: str, url: str) -> tuple[str, Resolved]:
             "  session name   "
             + (server.session_name or "derived from the SPIFFE ID ([\\w+=,.@-]{2,64})"),
             f"  web identity   the JWT-SVID for audience {server.jwt_svid_audience}",
+        ]
+        return "\n".join(lines), resolved
+    if server.kind == "google_sts":
+        account = server.service_account
+        lines += [
+            f"  scopes         {' '.join(scopes) or '(none)'}",
+            f"  because        {why}",
+            f"  token          bearer, from {server.name}: Google workload identity federation",
+            f"  provider       {server.provider} (JWT-SVID audience {server.jwt_svid_audience})",
+            f"  impersonates   {account}, {server.duration} s" if account else "  impersonates   -",
         ]
         return "\n".join(lines), resolved
     lines += [

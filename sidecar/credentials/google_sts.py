@@ -35,7 +35,7 @@ from sidecar.credentials.token_client import (
     TokenKey,
     parse_token_response,
 )
-from sidecar.errors import TokenRejected, TokenUnavailable, sanitize
+from sidecar.errors import Scrubber, TokenRejected, TokenUnavailable
 from sidecar.secret import Secret
 
 audit = logging.getLogger("sidecar.audit")
@@ -45,6 +45,21 @@ IAM_SCOPE = "https://www.googleapis.com/auth/iam"  # google-auth's, for imperson
 ACCESS_TOKEN = "urn:ietf:params:oauth:token-type:access_token"
 _HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
 _RFC3339 = re.compile(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)(\.\d+)?Z")
+# google.rpc.Code names (IAM Credentials' error.status): shown to the app, else "unknown".
+RPC_CODES = frozenset(
+    {
+        "INVALID_ARGUMENT",
+        "FAILED_PRECONDITION",
+        "OUT_OF_RANGE",
+        "UNAUTHENTICATED",
+        "PERMISSION_DENIED",
+        "NOT_FOUND",
+        "RESOURCE_EXHAUSTED",
+        "UNAVAILABLE",
+        "INTERNAL",
+        "DEADLINE_EXCEEDED",
+    }
+)
 
 
 def sts_form(server: AuthorizationServer, key: TokenKey, subject_token: str) -> dict[str, str]:
@@ -73,28 +88,39 @@ def generate_access_token(server: AuthorizationServer, key: TokenKey) -> tuple[s
 
 
 def parse_generated(
-    status: int, body: bytes, *, route: str, now: float, wall: float
+    status: int,
+    body: bytes,
+    *,
+    route: str,
+    now: float,
+    wall: float,
+    scrub: Scrubber | None = None,
 ) -> AccessToken:
-    """IAM Credentials' answer (``accessToken``, ``expireTime``), or the error the app sees."""
+    """IAM Credentials' answer (``accessToken``, ``expireTime``), or the error the app sees:
+    the ``error.status`` code when it is a google.rpc code (else ``unknown``); its message only
+    as ``peer_text`` for the log, scrubbed of what was sent."""
     try:
         doc: Any = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         doc = None
     if status != 200:
         error = doc.get("error") if isinstance(doc, dict) else None
         error = error if isinstance(error, dict) else {}
-        summary = sanitize(f"{error.get('status', '')}: {error.get('message', '')}".strip(": "))
-        summary = summary or f"HTTP {status}"
+        code = error.get("status") if error.get("status") in RPC_CODES else "unknown"
+        message = error.get("message")
+        peer_text = scrub.scrub(message) if scrub and isinstance(message, str) else None
         if status >= 500 or status == 429:
             raise TokenUnavailable(
                 f"IAM Credentials is unavailable (HTTP {status})",
                 route=route,
-                upstream_error=summary,
+                upstream_error=code,
+                peer_text=peer_text,
             )
         raise TokenRejected(
-            f"IAM Credentials refused generateAccessToken (HTTP {status})",
+            f"IAM Credentials refused generateAccessToken ({code}, HTTP {status})",
             route=route,
-            upstream_error=summary,
+            upstream_error=code,
+            peer_text=peer_text,
         )
     token = doc.get("accessToken") if isinstance(doc, dict) else None
     expire = doc.get("expireTime") if isinstance(doc, dict) else None
@@ -128,8 +154,19 @@ async def federate(
         ("Accept", "application/json"),
         ("Content-Type", "application/x-www-form-urlencoded"),
     ]
+    sent = [svid.token.reveal()]
+    sent_at = client.now()  # a token's life is counted from its request's sending
     status, answer = await client.post(server, server.token_endpoint, body, headers, route)
-    token = parse_token_response(status, answer, dpop=False, route=route, now=client.now())
+    token = parse_token_response(
+        status,
+        answer,
+        dpop=False,
+        route=route,
+        now=client.now(),
+        sent_at=sent_at,
+        wall=time.time(),
+        scrub=Scrubber(sent),
+    )
     if server.service_account:
         url, payload = generate_access_token(server, key)
         headers = [
@@ -137,8 +174,12 @@ async def federate(
             ("Content-Type", "application/json"),
             ("Authorization", f"Bearer {token.value.reveal()}"),
         ]
+        sent.append(token.value.reveal())
+        sent_at = client.now()
         status, answer = await client.post(server, url, payload, headers, route)
-        token = parse_generated(status, answer, route=route, now=client.now(), wall=time.time())
+        token = parse_generated(
+            status, answer, route=route, now=sent_at, wall=time.time(), scrub=Scrubber(sent)
+        )
     audit.info(
         "google token issued",
         extra={

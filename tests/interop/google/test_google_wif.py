@@ -27,7 +27,7 @@ from google.auth.transport.requests import Request as GoogleRequest
 from sidecar import config
 from sidecar.credentials import google_sts
 from sidecar.devstack.stack import DevStack
-from sidecar.errors import ConfigError, TokenRejected
+from sidecar.errors import ConfigError, Scrubber, TokenRejected, TokenUnavailable
 from sidecar.ops.checks import explain
 from sidecar.runtime import Sidecar
 from tests.conftest import AppClient, LogCapture, assert_no_secrets
@@ -259,18 +259,30 @@ async def test_google_sts_refusals_reach_the_app_with_googles_reason(
             status, _, body = await app.request("GET", f"http://{HOST}/x")
     assert status == 502
     error = json.loads(body)
-    assert error["authorization_server_error"] == "invalid_grant: The audience is not allowed"
+    assert error["authorization_server_error"] == "invalid_grant"  # Google's text: logs only
+    assert "The audience is not allowed" not in body.decode()
+    assert "The audience is not allowed" in logs.text()
     assert seen == []
     assert_no_secrets(logs.text(), google.issued)
 
 
 def test_iam_credentials_errors_and_bad_answers_are_refused() -> None:
-    answer = json.dumps(
-        {"error": {"code": 403, "message": "denied", "status": "PERMISSION_DENIED"}}
-    )
+    sent = "ya29.sts.federated-token-that-was-sent-0123456789"
+    message = f"Permission denied for {sent} on the service account"
+    answer = {"error": {"code": 403, "message": message, "status": "PERMISSION_DENIED"}}
     with pytest.raises(TokenRejected) as info:
-        google_sts.parse_generated(403, answer.encode(), route="r", now=0.0, wall=0.0)
-    assert info.value.upstream_error == "PERMISSION_DENIED: denied"
+        google_sts.parse_generated(
+            403, json.dumps(answer).encode(), route="r", now=0.0, wall=0.0, scrub=Scrubber([sent])
+        )
+    assert info.value.upstream_error == "PERMISSION_DENIED"
+    assert info.value.peer_text is not None
+    assert "on the service account" in info.value.peer_text
+    assert sent[10:30] not in info.value.peer_text
+    assert "Permission denied" not in json.dumps(info.value.body())
+    weird = json.dumps({"error": {"status": "Made up", "message": "x"}}).encode()
+    with pytest.raises(TokenUnavailable) as unavailable:
+        google_sts.parse_generated(503, weird, route="r", now=0.0, wall=0.0)
+    assert unavailable.value.upstream_error == "unknown"
     for body in (
         b"{}",
         b'{"accessToken": "a b", "expireTime": "2026-01-01T00:00:00Z"}',

@@ -133,6 +133,8 @@ class AuthorizationServer:
     provider: str | None = None  # google_sts: the workload identity pool provider (audience)
     service_account: str | None = None  # google_sts: impersonated with generateAccessToken
     impersonation_endpoint: str = GOOGLE_IAM_CREDENTIALS  # google_sts: IAM Credentials API
+    request_encoding: Literal["form", "json"] = "form"  # oauth: the token request's body
+    extra_fields: tuple[tuple[str, str], ...] = ()  # oauth: vendor fields of token requests
 
     @property
     def jwt_svid_audience(self) -> str:
@@ -433,10 +435,16 @@ def _authorization_server(name: str, node: _Node, base: Path) -> AuthorizationSe
         "service_account",
         "impersonation_endpoint",
         "lifetime",
+        "request_encoding",
+        "extra_fields",
     }
     if not node.mapping(keys):
         return None
     kind = node.choice("kind", SERVER_KINDS, "oauth")
+    if kind != "oauth":
+        for key in ("request_encoding", "extra_fields"):
+            if node.child(key).value is not None:
+                node.child(key).problem(f"is not used with kind: {kind}")
     if kind == "aws_sts":
         return _aws_sts(name, node, base)
     if kind == "google_sts":
@@ -487,7 +495,51 @@ def _authorization_server(name: str, node: _Node, base: Path) -> AuthorizationSe
         or "urn:ietf:params:oauth:token-type:jwt",
         requested_token_type=node.get("requested_token_type", str),
         allow_cleartext=cleartext,
+        request_encoding=node.choice("request_encoding", ("form", "json"), "form"),  # type: ignore[arg-type]
+        extra_fields=_extra_fields(node.child("extra_fields")),
     )
+
+
+# What the token client sets itself: a vendor field may not replace any of them.
+_STANDARD_FIELDS = frozenset(
+    {
+        "grant_type",
+        "subject_token",
+        "subject_token_type",
+        "requested_token_type",
+        "assertion",
+        "client_assertion",
+        "client_assertion_type",
+        "client_id",
+        "client_secret",
+        "resource",
+        "audience",
+        "scope",
+    }
+)
+_FIELD = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+
+
+def _extra_fields(node: _Node) -> tuple[tuple[str, str], ...]:
+    """``extra_fields: {name: value}``: vendor fields sent with every token request (e.g. an
+    AI vendor's identity provider and service account ids). Strings only: never a secret."""
+    if node.value is None:
+        return ()
+    if not isinstance(node.value, dict):
+        node.problem(f"must be a mapping of field names to strings, got {_kind(node.value)}")
+        return ()
+    fields: list[tuple[str, str]] = []
+    for name, value in node.value.items():
+        where = _join(node.path, str(name))
+        if not isinstance(name, str) or not _FIELD.match(name):
+            node.problem("must be a field name (letters, digits, _ . -)", where)
+        elif name in _STANDARD_FIELDS:
+            node.problem(f"{name} is set by the sidecar itself", where)
+        elif not isinstance(value, str) or not value or len(value) > 512:
+            node.problem("must be a non-empty string (at most 512 characters)", where)
+        else:
+            fields.append((name, value))
+    return tuple(fields)
 
 
 def _aws_sts(name: str, node: _Node, base: Path) -> AuthorizationServer | None:

@@ -138,8 +138,12 @@ def token_form(server: AuthorizationServer, key: TokenKey, svid: JwtSvid | None)
     elif server.client_auth == "jwt_bearer":
         form["client_assertion_type"] = JWT_BEARER_ASSERTION
         form["client_assertion"] = assertion
-    elif server.client_auth in ("none", "mtls") or (
-        server.client_id and server.client_auth != "client_secret"
+    elif (
+        server.client_auth == "mtls"
+        # JSON token APIs (AI vendors) name the client in their own fields: a client_id is
+        # sent only when configured.
+        or (server.client_auth == "none" and server.request_encoding == "form")
+        or (server.client_id and server.client_auth != "client_secret")
     ):
         form["client_id"] = key.client_id  # RFC 8705 §2: mTLS clients send their client_id
     if key.resource:
@@ -148,7 +152,17 @@ def token_form(server: AuthorizationServer, key: TokenKey, svid: JwtSvid | None)
         form["audience"] = key.audience
     if key.scopes:
         form["scope"] = " ".join(key.scopes)
+    form.update(server.extra_fields)  # vendor fields (config refuses the standard names)
     return form
+
+
+def encode_form(form: Mapping[str, Any], encoding: str) -> tuple[bytes, str]:
+    """The token request's body and Content-Type: RFC 6749 §4.4.2 / Appendix B form encoding
+    (repeated parameters, RFC 8693 resource/audience, as repeated pairs), or a JSON object
+    for the token APIs that document one (``request_encoding: json``)."""
+    if encoding == "json":
+        return json.dumps(dict(form)).encode(), "application/json"
+    return urlencode(form, doseq=True).encode("ascii"), "application/x-www-form-urlencoded"
 
 
 def basic_credentials(client_id: str, secret: str) -> str:
@@ -473,16 +487,11 @@ class TokenClient:
         svid = (
             await self._identity.jwt_svid(server.jwt_svid_audience) if needs_svid(server) else None
         )
-        # RFC 6749 §4.4.2 / Appendix B: application/x-www-form-urlencoded, repeated parameters
-        # (RFC 8693 resource/audience) as repeated pairs.
         form = token_form(server, key, svid)
-        body = urlencode(form, doseq=True).encode("ascii")
+        body, content_type = encode_form(form, server.request_encoding)
         dpop = key.jkt is not None
         origin = _origin(endpoint)
-        base_headers = [
-            ("Accept", "application/json"),
-            ("Content-Type", "application/x-www-form-urlencoded"),
-        ]
+        base_headers = [("Accept", "application/json"), ("Content-Type", content_type)]
         secret: Secret | None = None
         if server.client_auth == "client_secret":
             secret = await self._client_secret(server, route)

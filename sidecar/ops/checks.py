@@ -198,6 +198,9 @@ def explain(cfg: Config, method: str, url: str) -> tuple[str, Resolved]:
         f"  from           {server.name}: grant {server.grant}, client auth {server.client_auth}, "
         f"{server.issuer or server.token_endpoint}",
     ]
+    if server.request_encoding != "form" or server.extra_fields:
+        fields = ", ".join(f"{k}={v}" for k, v in server.extra_fields) or "-"
+        lines.append(f"  request        {server.request_encoding}, vendor fields {fields}")
     return "\n".join(lines), resolved
 
 

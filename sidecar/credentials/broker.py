@@ -63,8 +63,10 @@ class Credentials:
     def config_applied(self) -> None:
         """A new config is in force: the keys built for the old one's routes go (they hold
         those routes); tokens stay cached by :class:`TokenKey` value, so an unchanged route
-        finds its token again."""
+        finds its token again. The per-route kinds (header, aws_sigv4) go too: a header route's
+        files are stat'ed again by its new instance (SecretFiles keeps what was read)."""
         self._keys.clear()
+        self._per_route.clear()
 
     @property
     def key_count(self) -> int:

@@ -374,3 +374,32 @@ async def test_app_credentials_refuse_applies_to_the_header_names(
             )
             assert status == 200
     assert [received(s, b"authorization") for s in seen] == [[b"Basic eDp5"]]
+
+
+async def test_reloads_do_not_keep_old_routes_kinds(stack: DevStack, tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    write_secret(key, API_KEY)
+    source = tmp_path / "sidecar.yaml"
+    doc = stack.sidecar_config()
+    dest = doc["destinations"][0]
+    for name in ("authorization_server", "resource", "scopes"):
+        del dest[name]
+    del doc["authorization_servers"]
+    doc["reload"] = {"watch": False}
+    async with recording_origin(stack) as (upstream, seen):
+        dest.update(
+            host=HOST,
+            upstream=upstream,
+            credential="header",
+            allow_private=True,
+            headers=[{"name": "X-Api-Key", "file": str(key)}],
+        )
+        source.write_text(json.dumps(doc))
+        async with Sidecar(config.load(source), grace=1.0) as sidecar, AppClient(sidecar) as app:
+            for attempt in range(3):
+                dest["read_timeout"] = 30 + attempt  # a different config each time
+                source.write_text(json.dumps(doc))
+                assert await sidecar.reload()
+                assert (await app.request("GET", f"http://{HOST}/{attempt}"))[0] == 200
+                assert len(sidecar.credentials._per_route) == 1  # the old routes' kinds went
+    assert [received(s, b"x-api-key") for s in seen] == [[API_KEY.encode()]] * 3

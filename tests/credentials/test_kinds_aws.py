@@ -12,6 +12,7 @@ import pytest
 from sidecar import config
 from sidecar.credentials import aws_sts
 from sidecar.errors import ConfigError, Scrubber, TokenRejected, TokenUnavailable
+from sidecar.ops.checks import check_config, summary
 
 ROLE = "arn:aws:iam::123456789012:role/app"
 OK = b"""<AssumeRoleWithWebIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
@@ -245,3 +246,36 @@ def test_every_aws_config_problem_is_reported_with_its_path() -> None:
         "destinations[3].scopes: is for OAuth routes",
     ):
         assert expected in text, text
+
+
+def test_check_summarises_every_kind_without_secrets(tmp_path: Any) -> None:
+    key = tmp_path / "key"
+    key.write_text("sk-test-secret-value")
+    doc = {
+        "spiffe": {"socket": "unix:///tmp/agent.sock"},
+        "authorization_servers": {
+            "aws": {"kind": "aws_sts", "region": "eu-west-1", "role_arn": ROLE},
+            "gcp": {
+                "kind": "google_sts",
+                "provider": "//iam.googleapis.com/projects/1/locations/global/"
+                "workloadIdentityPools/pool/providers/spire",
+                "service_account": "app-runner@proj-1.iam.gserviceaccount.com",
+            },
+            "unused": {"kind": "aws_sts", "region": "eu-west-1", "role_arn": ROLE},
+        },
+        "destinations": [
+            {"host": "s3.eu-west-1.amazonaws.com", "credential": "aws_sigv4",
+             "authorization_server": "aws"},
+            {"host": "storage.googleapis.com", "authorization_server": "gcp",
+             "token_type": "bearer", "scopes": {"default": ["x"]}},
+            {"host": "api.vendor.example", "credential": "header",
+             "headers": [{"name": "X-Api-Key", "file": str(key)}]},
+        ],
+    }  # fmt: skip
+    cfg = config.parse(doc, source=tmp_path / "sidecar.yaml")
+    text = summary(cfg)
+    assert f"aws_sigv4 (service s3, region eu-west-1) via aws (aws_sts, role {ROLE})" in text
+    assert "via gcp (google_sts, as app-runner@proj-1.iam.gserviceaccount.com, bearer)" in text
+    assert "header X-Api-Key (from files)" in text
+    assert "sk-test-secret-value" not in text
+    assert check_config(cfg) == ["authorization_servers.unused: not used by any destination"]

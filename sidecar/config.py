@@ -27,6 +27,9 @@ ENV_SPIFFE_SOCKET = "SPIFFE_ENDPOINT_SOCKET"
 # Per-pod overrides of the shared ConfigMap's ports (``sidecar inject`` sets them).
 ENV_LISTEN = "SIDECAR_LISTEN"
 ENV_ADMIN = "SIDECAR_ADMIN"
+# Where the pod CA is kept and exported (``sidecar inject`` sets them to its volumes).
+ENV_CA_DIR = "SIDECAR_CA_DIR"
+ENV_TRUST_DIR = "SIDECAR_TRUST_DIR"
 
 ClientAuth = Literal["jwt_svid", "jwt_bearer", "mtls", "client_secret", "none"]
 Grant = Literal["client_credentials", "token_exchange", "jwt_bearer"]
@@ -122,6 +125,17 @@ class Destination:
     method_override: MethodOverride = "refuse"  # X-HTTP-Method-Override & co., _method=
     raw_paths: bool = False  # forward encoded dots/slashes as sent (only literal '..' refused)
     allow_cleartext: bool = False  # allow_cleartext_development_only: an http:// upstream
+    intercept: bool = False  # CONNECT host:443 -> TLS with a pod-CA leaf, requests routed here
+
+
+@dataclass(frozen=True)
+class Intercept:
+    """TLS interception (docs/https.md): where the pod CA lives and what the app reads."""
+
+    ca_dir: Path | None = None  # the sidecar's own emptyDir: the CA survives a sidecar restart
+    ca_from: Path | None = None  # a mounted Secret (tls.crt, tls.key) holding a provided CA
+    export_dir: Path | None = None  # the app-mounted volume: ca.pem, ca-bundle.pem, truststore
+    leaf_hours: float = 12.0
 
 
 @dataclass(frozen=True)
@@ -145,6 +159,12 @@ class Config:
     token_wait: float = 3.0  # tokens.wait: longest a request waits for a token request
     readiness: ReadinessPolicy = "startup"
     audit: bool = True  # audit.enabled: the audit stream, whatever log.level says
+    intercept: Intercept = field(default_factory=Intercept)
+
+    @property
+    def intercept_hosts(self) -> tuple[str, ...]:
+        """The hosts of intercepting routes: the pod CA's name constraints."""
+        return tuple(d.host for d in self.destinations if d.intercept)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,6 +458,7 @@ def _destination(node: _Node, servers: Mapping[str, object], base: Path) -> Dest
         "method_override",
         "raw_paths",
         CLEARTEXT_FLAG,
+        "intercept",
     }
     if not node.mapping(keys):
         return None
@@ -449,6 +470,15 @@ def _destination(node: _Node, servers: Mapping[str, object], base: Path) -> Dest
         "upstream", lambda v: _https_url(v, allow_path=False, cleartext=cleartext)
     )
     tunnel = bool(node.get("tunnel", bool, False))
+    intercept = bool(node.get("intercept", bool, False))
+    if intercept and tunnel:
+        node.child("intercept").problem(
+            "a tunnel route is a blind pipe: it cannot also intercept (choose one)"
+        )
+    if intercept and host and _is_ip(host):
+        node.child("intercept").problem(
+            "interception needs a host name: the pod CA's name constraints are DNS names"
+        )
     as_name = node.get("authorization_server", str, required=not tunnel)
     if tunnel:
         for key in ("authorization_server", "scopes", "resource", "audience", "upstream"):
@@ -498,7 +528,43 @@ def _destination(node: _Node, servers: Mapping[str, object], base: Path) -> Dest
         ),
         raw_paths=bool(node.get("raw_paths", bool, False)),
         allow_cleartext=cleartext,
+        intercept=intercept,
     )
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _intercept(root: _Node, env: Mapping[str, str], base: Path) -> Intercept:
+    node = root.child("intercept")
+    settings: dict[str, Any] = {}
+    if node.value is not None and node.mapping({"ca_dir", "ca_from", "export_dir", "leaf_hours"}):
+        settings = {
+            "ca_dir": _file(node, "ca_dir", base),
+            "ca_from": _file(node, "ca_from", base),
+            "export_dir": _file(node, "export_dir", base),
+            "leaf_hours": _positive(node, "leaf_hours", 12.0),
+        }
+    for key, variable in (("ca_dir", ENV_CA_DIR), ("export_dir", ENV_TRUST_DIR)):
+        if env.get(variable):
+            settings[key] = Path(env[variable]).absolute()
+    result = Intercept(**settings)
+    if result.leaf_hours > 24 * 7:
+        node.child("leaf_hours").problem("leaf certificates are short-lived: at most 168 hours")
+    if result.ca_from is not None and result.ca_dir is not None:
+        node.child("ca_dir").problem("a provided CA (ca_from) is not kept: set one of the two")
+    keys = [p for p in (result.ca_dir, result.ca_from) if p is not None]
+    export = result.export_dir
+    if export is not None and any(export == k or k.is_relative_to(export) for k in keys):
+        node.child("export_dir").problem(
+            "the app mounts export_dir: the CA key directory must not be inside it"
+        )
+    return result
 
 
 def _port_like(node: _Node, key: str, default: int | None, low: int, high: int) -> int | None:
@@ -553,6 +619,7 @@ def _parse(root: _Node, source: Path | None, env: Mapping[str, str], base: Path)
             "reload",
             "readiness",
             "audit",
+            "intercept",
         }
     ):
         raise ConfigError(problems)
@@ -657,6 +724,8 @@ def _parse(root: _Node, source: Path | None, env: Mapping[str, str], base: Path)
             or app_connections
         )
 
+    intercept = _intercept(root, env, base)
+
     if problems:
         raise ConfigError(problems)
     assert listen is not None
@@ -679,6 +748,7 @@ def _parse(root: _Node, source: Path | None, env: Mapping[str, str], base: Path)
         token_wait=token_wait,
         readiness=readiness,  # type: ignore[arg-type]
         audit=audit,
+        intercept=intercept,
     )
 
 

@@ -35,9 +35,7 @@ def intercepting(stack: DevStack, tmp: Path, **extra: Any) -> dict[str, Any]:
 
 
 @contextlib.asynccontextmanager
-async def intercept_sidecar(
-    stack: DevStack, tmp: Path, **extra: Any
-) -> AsyncIterator[Sidecar]:
+async def intercept_sidecar(stack: DevStack, tmp: Path, **extra: Any) -> AsyncIterator[Sidecar]:
     async with running_sidecar(stack, **intercepting(stack, tmp, **extra)) as sidecar:
         yield sidecar
 
@@ -106,9 +104,11 @@ def client_command(kind: str, method: str, sidecar: Sidecar, java: Path | None) 
     if kind == "node":
         return ["node", str(CLIENTS / "node_client.js"), method, URL]
     if kind == "java":
-        assert java is not None and sidecar.proxy_address is not None
+        assert java is not None
         address = sidecar.proxy_address
-        return ["java", "-cp", str(java), "JavaClient", method, URL, address.host, str(address.port)]
+        assert address is not None
+        proxy = [address.host, str(address.port)]
+        return ["java", "-cp", str(java), "JavaClient", method, URL, *proxy]
     return [sys.executable, str(CLIENTS / "py_client.py"), kind, method, URL]
 
 
@@ -154,3 +154,199 @@ async def test_real_clients_get_and_post_https_through_the_sidecar(
     audited = [r for r in logs.records if r.name == "sidecar.audit" and r.__dict__.get("path")]
     assert {r.__dict__["method"] for r in audited} == {"GET", "POST"}
     assert all(r.__dict__.get("intercepted") is True for r in audited)
+
+
+# -- raw TLS through CONNECT ------------------------------------------------------------------
+
+
+async def connect_tls(
+    sidecar: Sidecar, trust: Path | None, *, sni: str = SAAS_HOST, authority: str = SAAS_HOST
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """CONNECT, then a TLS handshake as an app would make it (``trust``: the exported CA)."""
+    address = sidecar.proxy_address
+    assert address is not None
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    writer.write(f"CONNECT {authority}:443 HTTP/1.1\r\nHost: {authority}:443\r\n\r\n".encode())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    context = ssl.create_default_context(cafile=str(trust / EXPORT_CA) if trust else None)
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    await asyncio.wait_for(writer.start_tls(context, server_hostname=sni), 10)
+    return reader, writer
+
+
+async def read_answers(reader: asyncio.StreamReader, count: int) -> list[tuple[int, bytes]]:
+    """``count`` answers with a Content-Length, in order."""
+    answers = []
+    for _ in range(count):
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        status = int(head.split(b" ", 2)[1])
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        answers.append((status, await asyncio.wait_for(reader.readexactly(length), 10)))
+    return answers
+
+
+async def close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(ConnectionError, ssl.SSLError):
+        await writer.wait_closed()
+
+
+async def test_keep_alive_pipelined_chunked_and_expect_continue_inside_tls(
+    stack: DevStack, tmp_path: Path
+) -> None:
+    async with intercept_sidecar(stack, tmp_path) as sidecar:
+        reader, writer = await connect_tls(sidecar, tmp_path / "trust")
+        try:
+            assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "http/1.1"
+            assert writer.get_extra_info("ssl_object").version() in ("TLSv1.2", "TLSv1.3")
+            host = f"Host: {SAAS_HOST}\r\n"
+            writer.write(
+                f"GET /v1/invoices?n=1 HTTP/1.1\r\n{host}\r\n"
+                f"GET /v1/invoices?n=2 HTTP/1.1\r\n{host}\r\n"
+                f"POST /v1/invoices HTTP/1.1\r\n{host}Transfer-Encoding: chunked\r\n\r\n"
+                "5\r\nhello\r\n0\r\n\r\n".encode()
+            )
+            answers = await read_answers(reader, 3)
+            assert [s for s, _ in answers] == [200, 200, 200]
+            assert [json.loads(b)["path"] for (b,) in [(b,) for _, b in answers]] == [
+                "/v1/invoices?n=1",
+                "/v1/invoices?n=2",
+                "/v1/invoices",
+            ]
+            assert json.loads(answers[2][1])["body_len"] == 5
+            writer.write(
+                f"POST /v1/invoices HTTP/1.1\r\n{host}Content-Length: 4\r\n"
+                "Expect: 100-continue\r\n\r\n".encode()
+            )
+            interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert interim.startswith(b"HTTP/1.1 100 ")
+            writer.write(b"ABCD")
+            [(status, body)] = await read_answers(reader, 1)
+            assert status == 200
+            assert json.loads(body)["body_len"] == 4
+        finally:
+            await close(writer)
+    scopes = [r.token_claims["scope"] for r in stack.saas.requests if r.token_claims]
+    assert scopes == ["invoices:read", "invoices:read", "invoices:write", "invoices:write"]
+
+
+@pytest.mark.parametrize(
+    ("head", "status"),
+    [
+        # One host per CONNECT: a request for another one on the same connection is refused.
+        (b"GET /v1/invoices HTTP/1.1\r\nHost: evil.example\r\n\r\n", 421),
+        (b"GET /v1/invoices HTTP/1.1\r\nHost: api.saas.example:8443\r\n\r\n", 421),
+        (b"GET https://evil.example/v1/invoices HTTP/1.1\r\nHost: api.saas.example\r\n\r\n", 421),
+        (b"GET /v1/invoices HTTP/1.1\r\n\r\n", 400),
+        (b"GET /v1/invoices HTTP/1.1\r\nHost: api.saas.example\r\nHost: x.example\r\n\r\n", 400),
+        (b"GET /v1/../admin HTTP/1.1\r\nHost: api.saas.example\r\n\r\n", 400),
+        (b"CONNECT other.example:443 HTTP/1.1\r\nHost: other.example:443\r\n\r\n", 400),
+        (b"GET * HTTP/1.1\r\nHost: api.saas.example\r\n\r\n", 400),
+    ],
+)
+async def test_inside_tls_the_connect_host_is_the_only_host(
+    head: bytes, status: int, stack: DevStack, tmp_path: Path
+) -> None:
+    async with intercept_sidecar(stack, tmp_path) as sidecar:
+        reader, writer = await connect_tls(sidecar, tmp_path / "trust")
+        try:
+            writer.write(head)
+            answer = await asyncio.wait_for(reader.read(65536), 10)
+        finally:
+            await close(writer)
+    assert answer.split(b" ", 2)[1] == str(status).encode(), answer
+    assert stack.saas.requests == []
+    assert stack.auth_server.token_requests == []
+
+
+async def test_an_sni_naming_another_host_is_refused_with_an_audit_line(
+    stack: DevStack, tmp_path: Path, logs: LogCapture
+) -> None:
+    async with intercept_sidecar(stack, tmp_path) as sidecar:
+        # OpenSSL makes an unrecognized_name alert; the loop's TLS layer closes without
+        # flushing it, so the app sees the connection closed during its handshake.
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await connect_tls(sidecar, tmp_path / "trust", sni="evil.example")
+        metrics = sidecar.metrics.exposition().decode()
+    assert 'sidecar_intercept_handshakes_total{outcome="sni_mismatch",route="saas"} 1.0' in metrics
+    refused = [r for r in logs.records if r.__dict__.get("event") == "intercept_refused"]
+    assert [(r.__dict__["host"], r.__dict__["sni"]) for r in refused] == [
+        (SAAS_HOST, "evil.example")
+    ]
+    assert stack.saas.requests == []
+
+
+async def test_a_client_that_does_not_trust_the_ca_fails_and_is_told_which_variable(
+    stack: DevStack, tmp_path: Path, logs: LogCapture
+) -> None:
+    async with intercept_sidecar(stack, tmp_path) as sidecar:
+        # curl with the system CAs only: the handshake fails at the client (unknown CA).
+        code, _, err = await run(["curl", "-sS", URL], app_env(sidecar, None))
+        assert code == 60, err
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await connect_tls(sidecar, None)
+        metrics = sidecar.metrics.exposition().decode()
+    # curl (OpenSSL) sends its unknown_ca alert; an asyncio client hangs up without one.
+    assert 'sidecar_intercept_handshakes_total{outcome="unknown_ca",route="saas"} 1.0' in metrics
+    assert 'sidecar_intercept_handshakes_total{outcome="closed",route="saas"} 1.0' in metrics
+    failed = [r for r in logs.records if r.getMessage().startswith("TLS handshake with the app")]
+    assert [r.__dict__["reason"] for r in failed] == ["unknown_ca", "closed"]
+    for record in failed:  # the operator is told which variable each runtime reads
+        for variable in ("CURL_CA_BUNDLE", "REQUESTS_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"):
+            assert variable in record.__dict__["detail"]
+    assert stack.saas.requests == []
+    assert stack.auth_server.token_requests == []
+
+
+async def test_connect_to_a_credential_route_that_does_not_intercept_is_still_refused(
+    stack: DevStack, sidecar: Sidecar
+) -> None:
+    address = sidecar.proxy_address
+    assert address is not None
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    writer.write(f"CONNECT {SAAS_HOST}:443 HTTP/1.1\r\nHost: {SAAS_HOST}:443\r\n\r\n".encode())
+    answer = await asyncio.wait_for(reader.read(65536), 10)
+    await close(writer)
+    assert answer.split(b" ", 2)[1] == b"403"
+    assert b"intercept: true" in answer
+
+
+async def test_an_intercepting_route_takes_port_443_only(stack: DevStack, tmp_path: Path) -> None:
+    async with intercept_sidecar(stack, tmp_path) as sidecar:
+        address = sidecar.proxy_address
+        assert address is not None
+        reader, writer = await asyncio.open_connection(address.host, address.port)
+        writer.write(f"CONNECT {SAAS_HOST}:8443 HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        answer = await asyncio.wait_for(reader.read(65536), 10)
+        await close(writer)
+    assert answer.split(b" ", 2)[1] == b"403"
+
+
+async def test_a_sidecar_restart_keeps_the_ca_and_clients_keep_working(
+    stack: DevStack, tmp_path: Path
+) -> None:
+    async with intercept_sidecar(stack, tmp_path) as first:
+        assert first.intercept is not None
+        fingerprint = first.intercept.ca.fingerprint
+        trusted = (tmp_path / "trust" / EXPORT_CA).read_bytes()
+        # The app keeps what it loaded at its start: a copy outside the export directory.
+        app_copy = tmp_path / "app-loaded-at-start"
+        app_copy.mkdir()
+        (app_copy / EXPORT_CA).write_bytes(trusted)
+    assert oct((tmp_path / "ca" / "ca-key.pem").stat().st_mode & 0o777) == "0o600"
+    async with intercept_sidecar(stack, tmp_path) as second:
+        assert second.intercept is not None
+        assert second.intercept.ca.fingerprint == fingerprint
+        assert (tmp_path / "trust" / EXPORT_CA).read_bytes() == trusted
+        reader, writer = await connect_tls(second, app_copy)
+        try:
+            writer.write(f"GET /v1/invoices HTTP/1.1\r\nHost: {SAAS_HOST}\r\n\r\n".encode())
+            [(status, _)] = await read_answers(reader, 1)
+        finally:
+            await close(writer)
+    assert status == 200

@@ -8,6 +8,10 @@ Configurations (interleaved, repeated, medians and ranges reported):
   c  bearer     the sidecar, Bearer route, warm token cache
   d  dpop       the sidecar, DPoP route, a fresh ES256 proof per request, warm cache
   e  dpop x2    (d) with ``--workers 2`` (SO_REUSEPORT)
+  g  dpop tls   (d) for an app that calls ``https://``: CONNECT, TLS with the pod CA
+                (interception), the same DPoP route. wrk cannot send CONNECT and TLS inside
+                it, so this cell is always driven by ``bench.load`` (Python, ``--cafile``):
+                compare it with (d) under ``--python-load``, not with wrk's numbers
   r  aiohttp    reference: a straightforward aiohttp server + client proxy adding a static
                 header (``bench/aiohttp_proxy.py``), the yardstick for a Python proxy
 
@@ -243,11 +247,20 @@ class Proxy:
     token_requests: Any = lambda: 0
     ready_ms: float | None = None
     stop: Any = lambda: None
+    cafile: str | None = None  # intercepted: the app calls https:// trusting this pod CA
 
 
 @contextlib.asynccontextmanager
 async def sidecar_proxy(
-    name: str, label: str, stack: DevStack, origin: Origin, work: Path, *, dpop: bool, workers: int
+    name: str,
+    label: str,
+    stack: DevStack,
+    origin: Origin,
+    work: Path,
+    *,
+    dpop: bool,
+    workers: int,
+    intercept: bool = False,
 ) -> AsyncIterator[Proxy]:
     tls = stack.ca.issue_server("localhost", "127.0.0.1")
     as_tls = tls.server_context(client_ca_pem=stack.trust_domain.x509_bundle_pem)
@@ -259,13 +272,22 @@ async def sidecar_proxy(
         issue_bearer=not dpop,
     ) as auth:
         listen, admin = _free_port(), _free_port()
+        trust = work / f"trust-{name}"
+        extra: dict[str, Any] = {}
+        if intercept:
+            extra["intercept"] = {"ca_dir": str(work / f"ca-{name}"), "export_dir": str(trust)}
         doc = stack.sidecar_config(
             authorization_server={"issuer": auth.issuer, "dpop": dpop},
-            destination={"upstream": origin.url, "token_type": "dpop" if dpop else "bearer"},
+            destination={
+                "upstream": origin.url,
+                "token_type": "dpop" if dpop else "bearer",
+                "intercept": intercept,
+            },
             listen=f"127.0.0.1:{listen}",
             admin=f"127.0.0.1:{admin}",
             log={"level": "warning"},
             tokens={"prefetch": True},  # readiness waits for a token per route
+            **extra,
         )
         path = work / f"sidecar-{name}.yaml"
         path.write_text(yaml.safe_dump(doc))
@@ -297,6 +319,7 @@ async def sidecar_proxy(
                 pids=lambda: process_tree(process.pid),
                 token_requests=lambda: len(auth.token_requests),
                 ready_ms=(ready - started) * 1000,
+                cafile=str(trust / "ca.pem") if intercept else None,
             )
             # Warm the token cache (and, with workers, every worker's: keep asking a while).
             async with aiohttp.ClientSession() as session:
@@ -401,7 +424,14 @@ async def generate(
         env["BENCH_TARGET"] = f"http://{SAAS_HOST}/v1/invoices"
         env["BENCH_HOST"] = SAAS_HOST
     env["BENCH_DELAY_MS"] = str(int(shape.delay_ms))
-    if wrk:
+    if proxy.cafile:  # intercepted https://: CONNECT + TLS, which wrk cannot do
+        command = [
+            sys.executable, "-m", "bench.load", f"https://{SAAS_HOST}/v1/invoices",
+            "--connections", str(shape.connections), "--duration", str(duration),
+            "--delay-ms", str(shape.delay_ms), "--proxy", f"http://{proxy.address}",
+            "--cafile", proxy.cafile,
+        ]  # fmt: skip
+    elif wrk:
         command = [
             wrk, "-t1", f"-c{shape.connections}", f"-d{duration:g}s", "--timeout", "5s",
             "-s", str(HERE / "proxy.lua"), url,
@@ -616,16 +646,27 @@ async def bench(args: argparse.Namespace) -> str:
             ):
                 proxies.append(await python_proxy(module, name, label, origin, stack))
                 stack_exit.callback(proxies[-1].stop)
-            for name, label, dpop, workers in (
-                ("bearer", "(c) sidecar, Bearer", False, 1),
-                ("dpop", "(d) sidecar, DPoP proof per request", True, 1),
-                ("dpop2", "(e) sidecar, DPoP, --workers 2", True, 2),
-            ):
+            for name, label, dpop, workers, intercept in (
+                ("bearer", "(c) sidecar, Bearer", False, 1, False),
+                ("dpop", "(d) sidecar, DPoP proof per request", True, 1, False),
+                ("dpop2", "(e) sidecar, DPoP, --workers 2", True, 2, False),
+                ("dpoptls", "(g) sidecar, DPoP, app calls https:// (intercepted; Python loader)",
+                 True, 1, True),
+            ):  # fmt: skip
                 if args.only and name not in args.only:
                     continue
                 proxies.append(
                     await stack_exit.enter_async_context(
-                        sidecar_proxy(name, label, stack, origin, work, dpop=dpop, workers=workers)
+                        sidecar_proxy(
+                            name,
+                            label,
+                            stack,
+                            origin,
+                            work,
+                            dpop=dpop,
+                            workers=workers,
+                            intercept=intercept,
+                        )
                     )
                 )
             samples: dict[tuple[str, str], Samples] = {
@@ -678,7 +719,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per cell")
     parser.add_argument("--budget", type=float, default=480.0, help="stop starting rounds after")
-    parser.add_argument("--only", nargs="*", help="sidecar configurations: bearer dpop dpop2")
+    parser.add_argument(
+        "--only", nargs="*", help="sidecar configurations: bearer dpop dpop2 dpoptls"
+    )
     parser.add_argument("--python-load", action="store_true", help="use bench.load, not wrk")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where to write results")
     parser.add_argument("--aiohttp-origin", action="store_true", help="do not use nginx")

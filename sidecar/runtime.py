@@ -447,6 +447,7 @@ class Sidecar:
     ) -> None:
         """CONNECT to an intercepting route: 200, then TLS with a pod-CA leaf for ``host``."""
         exchange.route, exchange.host = route.name, f"{host}:{port}"
+        exchange.intercepted = True
         contexts = self.intercept
         if contexts is None or not contexts.ca.covers(host):
             raise Forbidden(

@@ -316,6 +316,24 @@ async def test_connect_to_a_credential_route_that_does_not_intercept_is_still_re
     assert b"intercept: true" in answer
 
 
+async def test_bytes_sent_before_the_connect_is_answered_are_refused(
+    stack: DevStack, tmp_path: Path
+) -> None:
+    """A ClientHello pipelined behind the CONNECT head would be lost to the handshake."""
+    async with intercept_sidecar(stack, tmp_path) as sidecar:
+        address = sidecar.proxy_address
+        assert address is not None
+        reader, writer = await asyncio.open_connection(address.host, address.port)
+        writer.write(
+            f"CONNECT {SAAS_HOST}:443 HTTP/1.1\r\nHost: {SAAS_HOST}:443\r\n\r\n".encode()
+            + b"\x16\x03\x01\x00\x05hello"
+        )
+        answer = await asyncio.wait_for(reader.read(65536), 10)
+        await close(writer)
+    assert answer.split(b" ", 2)[1] == b"400"
+    assert stack.saas.requests == []
+
+
 async def test_an_intercepting_route_takes_port_443_only(stack: DevStack, tmp_path: Path) -> None:
     async with intercept_sidecar(stack, tmp_path) as sidecar:
         address = sidecar.proxy_address

@@ -104,6 +104,8 @@ def summary(cfg: Config) -> str:
             continue
         server = cfg.authorization_servers[dest.authorization_server]
         local = f", local port {dest.local_port}" if dest.local_port else ""
+        if dest.intercept:
+            local += ", https:// intercepted (pod CA)"
         lines.append(
             f"  route {dest.name}: {dest.host} -> {dest.upstream or 'https://' + dest.host} "
             f"via {server.name} ({server.grant}, {server.client_auth}, {dest.token_type}){local}"

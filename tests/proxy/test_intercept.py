@@ -368,3 +368,30 @@ async def test_a_sidecar_restart_keeps_the_ca_and_clients_keep_working(
         finally:
             await close(writer)
     assert status == 200
+
+
+async def test_a_host_added_by_a_reload_that_the_ca_does_not_cover_is_refused(
+    stack: DevStack, tmp_path: Path
+) -> None:
+    """The app trusts the CA it loaded at start: the sidecar cannot widen it on a reload."""
+    from sidecar import config
+    from sidecar.runtime import build_snapshot
+
+    async with intercept_sidecar(stack, tmp_path) as sidecar:
+        doc = stack.sidecar_config(**intercepting(stack, tmp_path))
+        doc["destinations"].append({**doc["destinations"][0], "name": "new", "host": "new.example"})
+        sidecar._apply(await asyncio.to_thread(build_snapshot, config.parse(doc)))
+        address = sidecar.proxy_address
+        assert address is not None
+        reader, writer = await asyncio.open_connection(address.host, address.port)
+        writer.write(b"CONNECT new.example:443 HTTP/1.1\r\nHost: new.example:443\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(65536), 10)
+        await close(writer)
+        assert answer.split(b" ", 2)[1] == b"403"
+        assert b"restart the pod" in answer
+        # The hosts it covers keep working.
+        reader, writer = await connect_tls(sidecar, tmp_path / "trust")
+        writer.write(f"GET /v1/invoices HTTP/1.1\r\nHost: {SAAS_HOST}\r\n\r\n".encode())
+        [(status, _)] = await read_answers(reader, 1)
+        await close(writer)
+    assert status == 200

@@ -193,3 +193,12 @@ def test_sidecar_ca_refuses_when_the_ca_lives_in_memory_only(
     path.write_text(yaml.safe_dump(stack.sidecar_config()))
     assert main(["ca", "--config", str(path)]) == 1
     assert "no route sets 'intercept: true'" in capsys.readouterr().err
+
+
+def test_check_says_which_routes_intercept(
+    stack: DevStack, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(yaml.safe_dump(stack.sidecar_config(destination={"intercept": True})))
+    assert main(["check", "--config", str(path)]) == 0
+    assert "https:// intercepted (pod CA)" in capsys.readouterr().out

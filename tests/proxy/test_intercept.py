@@ -395,3 +395,30 @@ async def test_a_host_added_by_a_reload_that_the_ca_does_not_cover_is_refused(
         [(status, _)] = await read_answers(reader, 1)
         await close(writer)
     assert status == 200
+
+
+async def test_the_dpop_nonce_retry_works_inside_intercepted_tls(
+    tmp_path: Path, logs: LogCapture
+) -> None:
+    """Retries are the Forwarder's: an intercepted request gets them like a plain one."""
+    from sidecar.devstack.stack import dev_stack
+    from tests.conftest import assert_no_secrets
+
+    async with dev_stack(tmp_path, saas={"require_nonce": True}) as stack:
+        async with intercept_sidecar(stack, tmp_path) as sidecar:
+            reader, writer = await connect_tls(sidecar, tmp_path / "trust")
+            body = b'{"customer": "ACME"}'
+            writer.write(
+                f"POST /v1/invoices HTTP/1.1\r\nHost: {SAAS_HOST}\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            [(status, answer)] = await read_answers(reader, 1)
+            await close(writer)
+            metrics = sidecar.metrics.exposition().decode()
+        assert status == 200, answer
+        assert [r.status for r in stack.saas.requests] == [401, 200]
+        assert stack.saas.requests[-1].proof_claims is not None
+        assert "nonce" in stack.saas.requests[-1].proof_claims
+        assert 'sidecar_upstream_retries_total{reason="use_dpop_nonce",route="saas"} 1.0' in metrics
+        assert_no_secrets(logs.text(), stack.secrets())

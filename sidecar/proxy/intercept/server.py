@@ -192,8 +192,14 @@ async def accept_tls(
 ) -> asyncio.Transport:
     """Complete a server-side TLS handshake for ``host`` on ``transport`` (whose reading the
     caller has paused); return the TLS transport ``protocol`` now uses. Raises
-    :class:`HandshakeFailed` (the connection is then closed)."""
+    :class:`HandshakeFailed` (the connection is then closed).
+
+    With uvloop, reading cannot be paused from ``connection_made`` (the loop starts reading
+    right after it): a caller wrapping a connection as soon as it is accepted pauses from a
+    ``call_soon`` callback, or awaits nothing between accepting and calling this."""
     host_context = await contexts.get(_normal(host))
+    if transport.is_closing():  # the app left while its leaf was minted
+        raise classify(EOFError(), False)
     loop = asyncio.get_running_loop()
     refusals = host_context.refusals
     try:

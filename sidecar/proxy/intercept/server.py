@@ -2,10 +2,12 @@
 
 :func:`accept_tls` is the one reusable step: "wrap this transport in TLS for host X" (after
 ``CONNECT X:443`` -> ``200``, or for a connection captured transparently). It runs
-``loop.start_tls(..., server_side=True)`` on the same transport, with a context whose SNI
-callback refuses a ClientHello that names another host (alert ``unrecognized_name``), TLS 1.2
-at least and ALPN ``http/1.1`` only; a failure raises :class:`HandshakeFailed` with a reason
-from a fixed vocabulary (a metric label) and a sentence for the operator.
+``loop.start_tls(..., server_side=True)`` on the same transport. The handshake starts on an
+SNI gate (a pooled context, one per handshake in flight) whose callback switches to the host's
+leaf context when the SNI names the CONNECT host and otherwise refuses with a fatal
+``unrecognized_name`` alert; TLS 1.2 at least, ALPN ``http/1.1`` only. A failure raises
+:class:`HandshakeFailed` with a reason from a fixed vocabulary (a metric label) and a sentence
+for the operator.
 
 :class:`ServerContexts` keeps one context per host (bounded), minted off the event loop and
 replaced before the leaf's expiry.
@@ -29,6 +31,7 @@ log = logging.getLogger("sidecar.intercept")
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds for the app's TLS handshake
 MAX_HOSTS = 256  # leaf contexts kept (wildcard routes: bounded)
+MAX_IDLE_GATES = 64  # SNI gates kept for reuse
 
 # Handshake failure reasons (the label of sidecar_intercept_handshakes_total).
 REASONS = ("unknown_ca", "sni_mismatch", "protocol", "closed", "timeout")
@@ -79,42 +82,71 @@ def _normal(name: str) -> str:
 
 
 class _HostContext:
-    """A server context for one host and the leaf in it. The SNI callback counts its
-    refusals (the context is shared by the host's connections: a handshake that fails while
-    the count moved is taken as refused for its SNI; the audit line is written here)."""
+    """A server context holding one host's leaf (shared by that host's connections)."""
 
     def __init__(self, host: str, leaf: Leaf) -> None:
         self.host = host
         self.leaf = leaf
-        self.refusals = 0
-        self.context = _server_context(leaf, self._check_sni)
+        self.context = _server_context()
+        _load_chain(self.context, leaf)
 
-    def _check_sni(
+
+def _server_context() -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    # The SNI gate's context stays the SSL object's session context: a renegotiation would
+    # call its callback again after the gate went back to the pool.
+    context.options |= ssl.OP_NO_RENEGOTIATION
+    return context
+
+
+# RFC 8446 §6 / RFC 5246 §7.2: a plaintext alert record, fatal (2), unrecognized_name (112).
+_UNRECOGNIZED_NAME_ALERT = b"\x15\x03\x03\x00\x02\x02\x70"
+
+
+class _SniGate:
+    """The context a handshake starts with: its SNI callback switches to the host's context
+    when the SNI names the CONNECT host, else refuses. One gate per handshake in flight (a
+    pool: making an SSLContext costs ~0.4 ms), so a refusal is known per connection."""
+
+    def __init__(self) -> None:
+        self.context = _server_context()
+        self.context.sni_callback = self._check
+        self.host: _HostContext | None = None
+        self.transport: asyncio.Transport | None = None
+        self.refused = False
+
+    def arm(self, host: _HostContext, transport: asyncio.Transport) -> None:
+        self.host, self.transport, self.refused = host, transport, False
+
+    def disarm(self) -> None:
+        self.host = self.transport = None
+
+    def _check(
         self, sslobj: ssl.SSLObject, servername: str | None, context: ssl.SSLContext
     ) -> int | None:
-        if servername is not None and _normal(servername) == self.host:
+        host = self.host
+        if host is None:  # not armed (cannot happen: renegotiation is off)
+            return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
+        if servername is not None and _normal(servername) == host.host:
+            sslobj.context = host.context  # the leaf for this host
             return None
-        self.refusals += 1
+        self.refused = True
         log.warning(
             "TLS refused: the SNI does not name the CONNECT host",
             extra={
                 "event": "intercept_refused",
-                "host": self.host,
+                "host": host.host,
                 "sni": (servername or "(none)")[:253],
             },
         )
+        # OpenSSL queues the same alert, but the loop's TLS layer closes a failed handshake
+        # without flushing it: write it to the connection ourselves (nothing was sent yet).
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(_UNRECOGNIZED_NAME_ALERT)
         return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
-
-
-def _server_context(
-    leaf: Leaf, sni: Callable[[ssl.SSLObject, str | None, ssl.SSLContext], int | None]
-) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_alpn_protocols(["http/1.1"])
-    context.sni_callback = sni
-    _load_chain(context, leaf)
-    return context
 
 
 def _load_chain(context: ssl.SSLContext, leaf: Leaf) -> None:
@@ -154,7 +186,16 @@ class ServerContexts:
         self._max = max_hosts
         self._hosts: collections.OrderedDict[str, _HostContext] = collections.OrderedDict()
         self._minting: dict[str, asyncio.Future[_HostContext]] = {}
+        self._gates: list[_SniGate] = []  # idle ones
         self.minted = 0
+
+    def gate(self) -> _SniGate:
+        return self._gates.pop() if self._gates else _SniGate()
+
+    def release(self, gate: _SniGate) -> None:
+        gate.disarm()
+        if len(self._gates) < MAX_IDLE_GATES:
+            self._gates.append(gate)
 
     def __len__(self) -> int:
         return len(self._hosts)
@@ -201,18 +242,21 @@ async def accept_tls(
     if transport.is_closing():  # the app left while its leaf was minted
         raise classify(EOFError(), False)
     loop = asyncio.get_running_loop()
-    refusals = host_context.refusals
+    gate = contexts.gate()
+    gate.arm(host_context, transport)  # type: ignore[arg-type]  # uvloop's are not subclasses
     try:
         tls = await loop.start_tls(
             transport,  # type: ignore[arg-type]
             protocol,
-            host_context.context,
+            gate.context,
             server_side=True,
             ssl_handshake_timeout=timeout,
         )
     except (ssl.SSLError, OSError, TimeoutError, ConnectionError, EOFError) as exc:
         transport.close()
-        raise classify(exc, host_context.refusals != refusals) from None
+        raise classify(exc, gate.refused) from None
+    finally:
+        contexts.release(gate)
     if tls is None:  # the peer closed the connection during the handshake
         transport.close()
         raise classify(EOFError(), False)

@@ -316,6 +316,32 @@ async def test_concurrent_handshakes_are_judged_one_by_one_and_no_sni_is_refused
     assert 'sidecar_intercept_handshakes_total{outcome="sni_mismatch",route="saas"} 2.0' in metrics
 
 
+@pytest.mark.parametrize(
+    "hello",
+    [
+        b"GET /v1/invoices HTTP/1.1\r\nHost: api.saas.example\r\n\r\n",  # plaintext in TLS
+        b"\x16\x03\x01\x00\x04\x01\x00\x00\x00",  # a ClientHello with nothing in it
+        b"\x15\x03\x03\x00\x02\x02\x28",  # an alert instead of a ClientHello
+    ],
+)
+async def test_what_is_not_a_tls_handshake_is_refused_and_counted(
+    hello: bytes, stack: DevStack, tmp_path: Path
+) -> None:
+    async with intercept_sidecar(stack, tmp_path) as sidecar:
+        address = sidecar.proxy_address
+        assert address is not None
+        reader, writer = await asyncio.open_connection(address.host, address.port)
+        writer.write(f"CONNECT {SAAS_HOST}:443 HTTP/1.1\r\nHost: {SAAS_HOST}\r\n\r\n".encode())
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        writer.write(hello)
+        rest = await asyncio.wait_for(reader.read(65536), 10)  # then the connection closes
+        await close(writer)
+        metrics = sidecar.metrics.exposition().decode()
+    assert b"HTTP/1.1" not in rest  # nothing was answered in plaintext
+    assert 'sidecar_intercept_handshakes_total{outcome="protocol",route="saas"} 1.0' in metrics
+    assert stack.saas.requests == []
+
+
 async def test_a_client_that_does_not_trust_the_ca_fails_and_is_told_which_variable(
     stack: DevStack, tmp_path: Path, logs: LogCapture
 ) -> None:

@@ -202,3 +202,19 @@ def test_check_says_which_routes_intercept(
     path.write_text(yaml.safe_dump(stack.sidecar_config(destination={"intercept": True})))
     assert main(["check", "--config", str(path)]) == 0
     assert "https:// intercepted (pod CA)" in capsys.readouterr().out
+
+
+async def test_a_provided_ca_that_cannot_be_read_stops_the_start_with_the_reason(
+    stack: DevStack, tmp_path: Path
+) -> None:
+    from sidecar.runtime import Sidecar
+
+    doc = stack.sidecar_config(
+        destination={"intercept": True}, intercept={"ca_from": str(tmp_path / "missing")}
+    )
+    sidecar = Sidecar(config.parse(doc, env={}))
+    with pytest.raises(ConfigError) as info:
+        await sidecar.start()
+    assert info.value.problems[0].startswith("intercept: ")
+    assert "tls.crt" in info.value.problems[0]
+    assert sidecar.proxy_address is None  # nothing was bound

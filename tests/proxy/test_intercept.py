@@ -247,6 +247,16 @@ async def test_keep_alive_pipelined_chunked_and_expect_continue_inside_tls(
         (b"GET /v1/../admin HTTP/1.1\r\nHost: api.saas.example\r\n\r\n", 400),
         (b"CONNECT other.example:443 HTTP/1.1\r\nHost: other.example:443\r\n\r\n", 400),
         (b"GET * HTTP/1.1\r\nHost: api.saas.example\r\n\r\n", 400),
+        # The listener's and routing's strictness (#15) hold inside TLS: one parser, one path.
+        (b"GET /v1/%2e%2e/admin HTTP/1.1\r\nHost: api.saas.example\r\n\r\n", 400),
+        (b"GET /v1/invoices HTTP/1.1\r\nHost: api.saas.example\r\nX_Forwarded: 1\r\n\r\n", 400),
+        (
+            b"GET /v1/invoices HTTP/1.1\r\nHost: api.saas.example\r\n"
+            b"X-HTTP-Method-Override: DELETE\r\n\r\n",
+            400,
+        ),
+        (b"GET /v1/invoices HTTP/2.0\r\nHost: api.saas.example\r\n\r\n", 400),
+        (b"GET /v1/invoices HTTP/1.1\r\nHost: 127.1\r\n\r\n", 400),
     ],
 )
 async def test_inside_tls_the_connect_host_is_the_only_host(

@@ -1,6 +1,10 @@
 """Fallback load generator when wrk is not installed: same JSON summary, far less capable.
 
     python -m bench.load URL [--proxy P] [--host H] [--connections N] [--duration S] [--delay-ms D]
+                             [--cafile F]
+
+An ``https://`` URL with ``--proxy`` is sent as the app would: CONNECT, then TLS verified
+against ``--cafile`` (the sidecar's pod CA, for the intercepted configuration).
 
 Runs in its own process (its CPU is not the proxy's). A Python client saturates long before a
 fast proxy does, so saturation numbers from it understate the proxy; the report says so.
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import ssl
 import time
 
 import aiohttp
@@ -20,7 +25,10 @@ async def run(args: argparse.Namespace) -> dict[str, int]:
     latencies: list[float] = []
     errors = {"socket": 0, "status": 0}
     deadline = time.monotonic() + args.duration
-    connector = aiohttp.TCPConnector(limit=args.connections, ssl=False)
+    tls: ssl.SSLContext | bool = False
+    if args.cafile:
+        tls = ssl.create_default_context(cafile=args.cafile)
+    connector = aiohttp.TCPConnector(limit=args.connections, ssl=tls)
 
     async def worker(session: aiohttp.ClientSession) -> None:
         while time.monotonic() < deadline:
@@ -65,6 +73,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--delay-ms", type=float, default=0.0)
+    parser.add_argument("--cafile", help="CA file to verify an https:// URL's TLS with")
     args = parser.parse_args()
     print("BENCH_RESULT " + json.dumps(asyncio.run(run(args))))
 

@@ -11,6 +11,10 @@ Configurations (interleaved, repeated, medians and ranges reported):
   s  sigv4      the sidecar, ``credential: aws_sigv4``: every request signed (SigV4, S3 rules)
                 with session credentials from a local STS stand-in, warm cache (the origin
                 does not check signatures: this measures the signing work)
+  g  dpop tls   (d) for an app that calls ``https://``: CONNECT, TLS with the pod CA
+                (interception), the same DPoP route. wrk cannot send CONNECT and TLS inside
+                it, so this cell is always driven by ``bench.load`` (Python, ``--cafile``):
+                compare it with (d) under ``--python-load``, not with wrk's numbers
   r  aiohttp    reference: a straightforward aiohttp server + client proxy adding a static
                 header (``bench/aiohttp_proxy.py``), the yardstick for a Python proxy
 
@@ -253,6 +257,7 @@ class Proxy:
     token_requests: Any = lambda: 0
     ready_ms: float | None = None
     stop: Any = lambda: None
+    cafile: str | None = None  # intercepted: the app calls https:// trusting this pod CA
 
 
 @contextlib.asynccontextmanager
@@ -310,6 +315,7 @@ async def sidecar_proxy(
     dpop: bool,
     workers: int,
     sigv4: bool = False,
+    intercept: bool = False,
 ) -> AsyncIterator[Proxy]:
     tls = stack.ca.issue_server("localhost", "127.0.0.1")
     as_tls = tls.server_context(client_ca_pem=stack.trust_domain.x509_bundle_pem)
@@ -324,18 +330,25 @@ async def sidecar_proxy(
         bench_sts(stack) as (sts_url, sts_calls),
     ):
         listen, admin = _free_port(), _free_port()
+        trust = work / f"trust-{name}"
         top: dict[str, Any] = {
             "listen": f"127.0.0.1:{listen}",
             "admin": f"127.0.0.1:{admin}",
             "log": {"level": "warning"},
             "tokens": {"prefetch": True},  # readiness waits for a token per route
         }
+        if intercept:
+            top["intercept"] = {"ca_dir": str(work / f"ca-{name}"), "export_dir": str(trust)}
         if sigv4:
             doc = sigv4_config(stack, sts_url, origin, **top)
         else:
             doc = stack.sidecar_config(
                 authorization_server={"issuer": auth.issuer, "dpop": dpop},
-                destination={"upstream": origin.url, "token_type": "dpop" if dpop else "bearer"},
+                destination={
+                    "upstream": origin.url,
+                    "token_type": "dpop" if dpop else "bearer",
+                    "intercept": intercept,
+                },
                 **top,
             )
         path = work / f"sidecar-{name}.yaml"
@@ -368,6 +381,7 @@ async def sidecar_proxy(
                 pids=lambda: process_tree(process.pid),
                 token_requests=lambda: len(sts_calls if sigv4 else auth.token_requests),
                 ready_ms=(ready - started) * 1000,
+                cafile=str(trust / "ca.pem") if intercept else None,
             )
             # Warm the token cache (and, with workers, every worker's: keep asking a while).
             async with aiohttp.ClientSession() as session:
@@ -472,7 +486,14 @@ async def generate(
         env["BENCH_TARGET"] = f"http://{SAAS_HOST}/v1/invoices"
         env["BENCH_HOST"] = SAAS_HOST
     env["BENCH_DELAY_MS"] = str(int(shape.delay_ms))
-    if wrk:
+    if proxy.cafile:  # intercepted https://: CONNECT + TLS, which wrk cannot do
+        command = [
+            sys.executable, "-m", "bench.load", f"https://{SAAS_HOST}/v1/invoices",
+            "--connections", str(shape.connections), "--duration", str(duration),
+            "--delay-ms", str(shape.delay_ms), "--proxy", f"http://{proxy.address}",
+            "--cafile", proxy.cafile,
+        ]  # fmt: skip
+    elif wrk:
         command = [
             wrk, "-t1", f"-c{shape.connections}", f"-d{duration:g}s", "--timeout", "5s",
             "-s", str(HERE / "proxy.lua"), url,
@@ -688,12 +709,14 @@ async def bench(args: argparse.Namespace) -> str:
             ):
                 proxies.append(await python_proxy(module, name, label, origin, stack))
                 stack_exit.callback(proxies[-1].stop)
-            for name, label, dpop, workers in (
-                ("bearer", "(c) sidecar, Bearer", False, 1),
-                ("dpop", "(d) sidecar, DPoP proof per request", True, 1),
-                ("dpop2", "(e) sidecar, DPoP, --workers 2", True, 2),
-                ("sigv4", "(s) sidecar, AWS SigV4 signature per request", False, 1),
-            ):
+            for name, label, dpop, workers, intercept in (
+                ("bearer", "(c) sidecar, Bearer", False, 1, False),
+                ("dpop", "(d) sidecar, DPoP proof per request", True, 1, False),
+                ("dpop2", "(e) sidecar, DPoP, --workers 2", True, 2, False),
+                ("sigv4", "(s) sidecar, AWS SigV4 signature per request", False, 1, False),
+                ("dpoptls", "(g) sidecar, DPoP, app calls https:// (intercepted; Python loader)",
+                 True, 1, True),
+            ):  # fmt: skip
                 if args.only and name not in args.only:
                     continue
                 proxies.append(
@@ -707,6 +730,7 @@ async def bench(args: argparse.Namespace) -> str:
                             dpop=dpop,
                             workers=workers,
                             sigv4=name == "sigv4",
+                            intercept=intercept,
                         )
                     )
                 )
@@ -760,7 +784,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per cell")
     parser.add_argument("--budget", type=float, default=480.0, help="stop starting rounds after")
-    parser.add_argument("--only", nargs="*", help="sidecar configurations: bearer dpop dpop2 sigv4")
+    parser.add_argument(
+        "--only", nargs="*", help="sidecar configurations: bearer dpop dpop2 sigv4 dpoptls"
+    )
     parser.add_argument("--python-load", action="store_true", help="use bench.load, not wrk")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where to write results")
     parser.add_argument("--aiohttp-origin", action="store_true", help="do not use nginx")

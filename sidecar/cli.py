@@ -1,4 +1,5 @@
-"""Command line: ``sidecar run | demo | check | explain`` (``inject`` / ``webhook``: Kubernetes)."""
+"""Command line: ``sidecar run | demo | check | explain | ca`` (``inject`` / ``webhook``:
+Kubernetes)."""
 
 from __future__ import annotations
 
@@ -80,6 +81,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.set_defaults(func=cmd_explain)
 
+    ca = sub.add_parser(
+        "ca",
+        help="print (or write) the pod CA that apps calling https:// must trust",
+    )
+    _config_arg(ca)
+    ca.add_argument(
+        "--out",
+        default=None,
+        help="write ca.pem, ca-bundle.pem (with the system CAs) and truststore.p12 (PKCS#12, "
+        "for the JVM) to this directory instead of printing ca.pem",
+    )
+    ca.add_argument(
+        "--bundle", action="store_true", help="print the bundle (system CAs + the pod CA)"
+    )
+    ca.set_defaults(func=cmd_ca)
+
     from sidecar.kube.commands import register
 
     register(sub)  # inject, webhook
@@ -156,6 +173,10 @@ async def _serve(
     except OSError as exc:
         log.error("cannot start: is another process using the port?", extra={"error": str(exc)})
         return 1
+    except ConfigError as exc:  # what only start can check: the pod CA (intercept)
+        for problem in exc.problems:
+            log.error("cannot start", extra={"problem": problem})
+        return 2
     if report_fd is not None:  # a worker: tell the supervisor where its admin endpoint is
         with contextlib.suppress(OSError):
             os.write(report_fd, f"{sidecar.admin_address}\n".encode())
@@ -188,6 +209,41 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"  - {problem}", file=sys.stderr)
         return 1
     print(summary(cfg))
+    return 0
+
+
+def cmd_ca(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sidecar.proxy.intercept.ca import EXPORT_BUNDLE, EXPORT_CA, CAError, load_or_create
+
+    cfg = _load(args.config)
+    if cfg is None:
+        return 1
+    settings = cfg.intercept
+    if not cfg.intercept_hosts:
+        print("sidecar ca: no route sets 'intercept: true': there is no pod CA", file=sys.stderr)
+        return 1
+    if settings.ca_dir is None and settings.ca_from is None:
+        print(
+            "sidecar ca: intercept.ca_dir is not set, so the running sidecar's CA exists only in "
+            "its memory; set ca_dir (or read intercept.export_dir)",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        # The same CA the sidecar uses: kept in ca_dir (made there now if none is yet).
+        ca, _ = load_or_create(
+            cfg.intercept_hosts, ca_dir=settings.ca_dir, provided=settings.ca_from
+        )
+        if args.out:
+            ca.export(Path(args.out))
+            print(f"wrote {', '.join(sorted(ca.exports()))} to {args.out}")
+        else:
+            sys.stdout.write(ca.exports()[EXPORT_BUNDLE if args.bundle else EXPORT_CA].decode())
+    except (CAError, OSError) as exc:
+        print(f"sidecar ca: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -27,6 +27,9 @@ ENV_SPIFFE_SOCKET = "SPIFFE_ENDPOINT_SOCKET"
 # Per-pod overrides of the shared ConfigMap's ports (``sidecar inject`` sets them).
 ENV_LISTEN = "SIDECAR_LISTEN"
 ENV_ADMIN = "SIDECAR_ADMIN"
+# Where the pod CA is kept and exported (``sidecar inject`` sets them to its volumes).
+ENV_CA_DIR = "SIDECAR_CA_DIR"
+ENV_TRUST_DIR = "SIDECAR_TRUST_DIR"
 
 ClientAuth = Literal["jwt_svid", "jwt_bearer", "mtls", "client_secret", "none"]
 Grant = Literal["client_credentials", "token_exchange", "jwt_bearer"]
@@ -189,12 +192,23 @@ class Destination:
     headers: tuple[StaticHeader, ...] = ()  # credential: header
     aws_service: str | None = None  # credential: aws_sigv4 (configured or derived from host)
     aws_region: str | None = None
+    intercept: bool = False  # CONNECT host:443 -> TLS with a pod-CA leaf, requests routed here
 
     @property
     def has_server(self) -> bool:
         """Whether the route's credential comes from an authorization server (an OAuth token
         or, for aws_sigv4, STS session credentials)."""
         return not self.tunnel and self.credential in SERVER_KIND_OF
+
+
+@dataclass(frozen=True)
+class Intercept:
+    """TLS interception (docs/https.md): where the pod CA lives and what the app reads."""
+
+    ca_dir: Path | None = None  # the sidecar's own emptyDir: the CA survives a sidecar restart
+    ca_from: Path | None = None  # a mounted Secret (tls.crt, tls.key) holding a provided CA
+    export_dir: Path | None = None  # the app-mounted volume: ca.pem, ca-bundle.pem, truststore
+    leaf_hours: float = 12.0
 
 
 @dataclass(frozen=True)
@@ -218,6 +232,12 @@ class Config:
     token_wait: float = 3.0  # tokens.wait: longest a request waits for a token request
     readiness: ReadinessPolicy = "startup"
     audit: bool = True  # audit.enabled: the audit stream, whatever log.level says
+    intercept: Intercept = field(default_factory=Intercept)
+
+    @property
+    def intercept_hosts(self) -> tuple[str, ...]:
+        """The hosts of intercepting routes: the pod CA's name constraints."""
+        return tuple(d.host for d in self.destinations if d.intercept)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -712,6 +732,7 @@ def _destination(node: _Node, servers: Mapping[str, object], base: Path) -> Dest
         "credential",
         "headers",
         "aws",
+        "intercept",
     }
     if not node.mapping(keys):
         return None
@@ -731,6 +752,15 @@ def _destination(node: _Node, servers: Mapping[str, object], base: Path) -> Dest
     )
     headers = _static_headers(node, credential, base)
     aws = _aws_signing(node, credential, host)
+    intercept = bool(node.get("intercept", bool, False))
+    if intercept and tunnel:
+        node.child("intercept").problem(
+            "a tunnel route is a blind pipe: it cannot also intercept (choose one)"
+        )
+    if intercept and host and _is_ip(host):
+        node.child("intercept").problem(
+            "interception needs a host name: the pod CA's name constraints are DNS names"
+        )
     if tunnel:
         for key in ("authorization_server", "scopes", "resource", "audience", "upstream"):
             if node.child(key).value is not None:
@@ -790,6 +820,7 @@ def _destination(node: _Node, servers: Mapping[str, object], base: Path) -> Dest
         ),
         raw_paths=bool(node.get("raw_paths", bool, False)),
         allow_cleartext=cleartext,
+        intercept=intercept,
     )
 
 
@@ -881,6 +912,41 @@ def _static_headers(node: _Node, credential: str, base: Path) -> tuple[StaticHea
     return tuple(found)
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _intercept(root: _Node, env: Mapping[str, str], base: Path) -> Intercept:
+    node = root.child("intercept")
+    settings: dict[str, Any] = {}
+    if node.value is not None and node.mapping({"ca_dir", "ca_from", "export_dir", "leaf_hours"}):
+        settings = {
+            "ca_dir": _file(node, "ca_dir", base),
+            "ca_from": _file(node, "ca_from", base),
+            "export_dir": _file(node, "export_dir", base),
+            "leaf_hours": _positive(node, "leaf_hours", 12.0),
+        }
+    for key, variable in (("ca_dir", ENV_CA_DIR), ("export_dir", ENV_TRUST_DIR)):
+        if env.get(variable):
+            settings[key] = Path(env[variable]).absolute()
+    result = Intercept(**settings)
+    if result.leaf_hours > 24 * 7:
+        node.child("leaf_hours").problem("leaf certificates are short-lived: at most 168 hours")
+    if result.ca_from is not None and result.ca_dir is not None:
+        node.child("ca_dir").problem("a provided CA (ca_from) is not kept: set one of the two")
+    keys = [p for p in (result.ca_dir, result.ca_from) if p is not None]
+    export = result.export_dir
+    if export is not None and any(export == k or k.is_relative_to(export) for k in keys):
+        node.child("export_dir").problem(
+            "the app mounts export_dir: the CA key directory must not be inside it"
+        )
+    return result
+
+
 def _port_like(node: _Node, key: str, default: int | None, low: int, high: int) -> int | None:
     value = node.child(key).value
     if value is None:
@@ -944,6 +1010,7 @@ def _parse(root: _Node, source: Path | None, env: Mapping[str, str], base: Path)
             "reload",
             "readiness",
             "audit",
+            "intercept",
         }
     ):
         raise ConfigError(problems)
@@ -1049,6 +1116,8 @@ def _parse(root: _Node, source: Path | None, env: Mapping[str, str], base: Path)
             or app_connections
         )
 
+    intercept = _intercept(root, env, base)
+
     if problems:
         raise ConfigError(problems)
     assert listen is not None
@@ -1071,6 +1140,7 @@ def _parse(root: _Node, source: Path | None, env: Mapping[str, str], base: Path)
         token_wait=token_wait,
         readiness=readiness,  # type: ignore[arg-type]
         audit=audit,
+        intercept=intercept,
     )
 
 

@@ -202,6 +202,13 @@ class NotAProxyRequest(BadRequest):
     code = "not_a_proxy_request"
 
 
+class Misdirected(ProxyError):
+    """RFC 9110 §15.5.20: an intercepted request names another host than its CONNECT."""
+
+    status = 421
+    code = "misdirected_request"
+
+
 class Forbidden(ProxyError):
     status = 403
     code = "forbidden"

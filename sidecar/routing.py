@@ -43,6 +43,7 @@ from sidecar.config import AuthorizationServer, Config, Destination, ScopeRule
 from sidecar.errors import (
     BadRequest,
     Forbidden,
+    Misdirected,
     NoScopeRule,
     NotAProxyRequest,
     UnknownDestination,
@@ -446,6 +447,72 @@ class RoutingTable:
         target = Target("http", host, 80, path, query)
         return self._resolved(route, method, target, overrides)
 
+    def intercept_for(self, authority: str) -> tuple[Route, str, int] | None:
+        """The intercepting route for a CONNECT ``host:port``, or None (then: tunnel_for)."""
+        if "@" in authority or "/" in authority:
+            raise BadRequest("CONNECT needs host:port")
+        host, port = split_authority(authority, 0)
+        route = self.match(host)
+        if route is None or not route.destination.intercept:
+            return None
+        if port != 443:
+            raise Forbidden(
+                f"route {route.name!r} intercepts https:// on port 443 only, not {port}",
+                route=route.name,
+            )
+        if route.upstream is None and route.destination.host != host:
+            _check_synthesised(host, route.name)  # a wildcard: the app chose the host
+        return route, host, port
+
+    def resolve_intercepted(
+        self,
+        method: str,
+        raw_target: str,
+        authority: tuple[str, int],
+        headers: list[tuple[str, str]],
+        overrides: Sequence[tuple[str, str]] = (),
+    ) -> Resolved:
+        """A request decrypted from an intercepted ``CONNECT host:port``: the CONNECT authority
+        fixes the host (RFC 9110 §7.4: a request naming another one is misdirected, 421)."""
+        host, port = authority
+        route = self.match(host)
+        if route is None or not route.destination.intercept:
+            # The config was reloaded while the connection stayed open.
+            raise UnknownDestination(f"{host} is no longer an intercepting route")
+        if "#" in raw_target:
+            raise BadRequest("the request target must not contain a fragment", route=route.name)
+        if raw_target.startswith("/"):
+            path, _, query = raw_target.partition("?")
+        elif raw_target[:8].lower() == "https://":
+            named, slash, rest = raw_target[8:].partition("/")
+            if "@" in named or split_authority(named, 443) != (host, port):
+                raise Misdirected(
+                    f"this TLS connection is for {host}:{port}; the request names another "
+                    "authority",
+                    route=route.name,
+                )
+            path, _, query = ("/" + rest if slash else "/").partition("?")
+        else:
+            raise BadRequest(
+                "inside an intercepted https:// connection send origin-form requests (GET /path)",
+                route=route.name,
+            )
+        values = [v for n, v in headers if n.lower() == "host"]
+        if len(values) != 1:
+            raise BadRequest("an HTTP/1.1 request needs exactly one Host header", route=route.name)
+        try:
+            named_host = split_authority(values[0].strip(), port)
+        except BadRequest as exc:
+            raise BadRequest("malformed Host header", route=route.name) from exc
+        if named_host != (host, port):
+            raise Misdirected(
+                f"this TLS connection is for {host}; the Host header names another host "
+                "(one host per CONNECT)",
+                route=route.name,
+            )
+        target = Target("https", host, port, path, query)
+        return self._resolved(route, method, target, overrides)
+
     def tunnel_for(self, authority: str) -> tuple[Destination, str, int]:
         """The tunnel route for a CONNECT ``host:port``, or a 403 that says why not."""
         if "@" in authority or "/" in authority:
@@ -457,7 +524,12 @@ class RoutingTable:
         if dest is not None and dest.host != host:
             _check_synthesised(host, dest.name)
         if dest is None:
-            routed = " (it is routed for plain http:// requests)" if self.match(host) else ""
+            routed = (
+                " (it is routed for plain http:// requests; set 'intercept: true' on the route "
+                "for https://)"
+                if self.match(host)
+                else ""
+            )
             raise UnknownDestination(
                 f"no tunnel route for {host}{routed}; CONNECT is only allowed to hosts "
                 "marked 'tunnel: true' in the config"

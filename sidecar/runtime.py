@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sidecar.config import Address, AuthorizationServer, Config, cleartext_settings
+from sidecar.config import Address, AuthorizationServer, Config, Intercept, cleartext_settings
 from sidecar.config import load as load_config
 from sidecar.credentials.aws_sts import assume_role
 from sidecar.credentials.broker import Credentials
@@ -26,7 +26,7 @@ from sidecar.credentials.google_sts import federate
 from sidecar.credentials.identity import WorkloadIdentity
 from sidecar.credentials.token_cache import TokenCache
 from sidecar.credentials.token_client import TokenClient
-from sidecar.errors import ConfigError, ProxyError
+from sidecar.errors import ConfigError, Forbidden, ProxyError
 from sidecar.ops import logs as logs_module
 from sidecar.ops.admin import Admin
 from sidecar.ops.audit import Exchange
@@ -34,6 +34,8 @@ from sidecar.ops.metrics import UNMATCHED, Metrics
 from sidecar.ops.readiness import Readiness, RouteReadiness, evaluate, route_readiness
 from sidecar.ops.reload import ConfigWatcher, Fingerprint, fingerprint
 from sidecar.proxy.admission import Admission
+from sidecar.proxy.intercept.ca import CAError, load_or_create
+from sidecar.proxy.intercept.server import HandshakeFailed, ServerContexts
 from sidecar.proxy.listener import AppGone, Listener, Reply, Request
 from sidecar.proxy.origin_client import UrlClient
 from sidecar.proxy.tunnel import open_tunnel
@@ -70,6 +72,33 @@ def build_snapshot(config: Config) -> Snapshot:
     return Snapshot(config, RoutingTable(config), tls)
 
 
+def pod_ca_contexts(settings: Intercept, hosts: tuple[str, ...]) -> ServerContexts:
+    """The pod CA (kept, provided or made), exported for the app. Files and signing: call it
+    off the event loop. Raises :class:`~sidecar.proxy.intercept.ca.CAError`."""
+    ca, origin = load_or_create(hosts, ca_dir=settings.ca_dir, provided=settings.ca_from)
+    if settings.export_dir is not None:
+        try:
+            ca.export(settings.export_dir)
+        except OSError as exc:
+            raise CAError(f"cannot write the CA to {settings.export_dir} ({exc.strerror})") from exc
+    log.info(
+        "pod CA ready",
+        extra={
+            "origin": origin,
+            "sha256": ca.fingerprint,
+            "permitted": " ".join(ca.permitted() or ()),
+            "kept_in": str(settings.ca_dir) if settings.ca_dir else "memory",
+            "exported_to": str(settings.export_dir) if settings.export_dir else None,
+        },
+    )
+    if settings.ca_dir is None and settings.ca_from is None:
+        log.warning(
+            "intercept.ca_dir is not set: the pod CA lives in memory only, so a sidecar restart "
+            "makes a new one the app does not trust (set it to the sidecar's own emptyDir)"
+        )
+    return ServerContexts(ca, settings.leaf_hours)
+
+
 class Sidecar:
     def __init__(
         self,
@@ -100,6 +129,7 @@ class Sidecar:
         self._watcher: tuple[ConfigWatcher, asyncio.Task[None]] | None = None
         self.stopping = False
         self._prefetching: asyncio.Task[None] | None = None
+        self.intercept: ServerContexts | None = None  # the pod CA's leaves, when routes intercept
 
     @property
     def config(self) -> Config:
@@ -111,6 +141,13 @@ class Sidecar:
     async def start(self) -> None:
         config = self._initial
         self.snapshot = await asyncio.to_thread(build_snapshot, config)
+        if config.intercept_hosts:
+            try:
+                self.intercept = await asyncio.to_thread(
+                    pod_ca_contexts, config.intercept, config.intercept_hosts
+                )
+            except CAError as exc:
+                raise ConfigError([f"intercept: {exc}"]) from exc
         self.generation = 1
         log.info(
             "config loaded",
@@ -249,6 +286,20 @@ class Sidecar:
                 seen = await asyncio.to_thread(fingerprint, source)
                 config = await asyncio.to_thread(load_config, source)
                 snapshot = await asyncio.to_thread(build_snapshot, config)
+                if config.intercept_hosts and self.intercept is None:
+                    try:
+                        self.intercept = await asyncio.to_thread(
+                            pod_ca_contexts, config.intercept, config.intercept_hosts
+                        )
+                    except CAError as exc:
+                        raise ConfigError([f"intercept: {exc}"]) from exc
+                elif self.intercept is not None:
+                    for host in self.intercept.ca.uncovered(config.intercept_hosts):
+                        log.error(
+                            "the pod CA does not cover this intercepting host; its CONNECTs "
+                            "are refused until the pod restarts (the app trusts the old CA)",
+                            extra={"host": host},
+                        )
             except ConfigError as exc:
                 self.metrics.reloads.labels("failure").inc()
                 for problem in exc.problems:
@@ -351,11 +402,24 @@ class Sidecar:
         routing = snapshot.routing
         exchange = Exchange(request.method, request.target)
         try:
-            if request.local_port in routing.local_ports:
+            if request.authority is not None:
+                exchange.intercepted = True
+                resolved = routing.resolve_intercepted(
+                    request.method,
+                    request.target,
+                    request.authority,
+                    request.headers,
+                    request.overrides,
+                )
+            elif request.local_port in routing.local_ports:
                 resolved = routing.resolve_local(
                     request.local_port, request.method, request.target, request.overrides
                 )
             elif request.method == "CONNECT":
+                intercepting = routing.intercept_for(request.target)
+                if intercepting is not None:
+                    await self._intercept(reply, *intercepting, exchange)
+                    return
                 dest, host, port = routing.tunnel_for(request.target)
                 exchange.route, exchange.host = dest.name, f"{host}:{port}"
                 self.metrics.tunnels.labels(dest.name).inc()
@@ -368,6 +432,8 @@ class Sidecar:
             exchange.route = resolved.route.name
             exchange.host, exchange.path, exchange.query = target.host, target.path, target.query
             exchange.scopes = resolved.scopes
+            if exchange.intercepted:
+                self.metrics.intercepted_requests.labels(resolved.route.name).inc()
             await self.forwarder.forward(request, reply, resolved, exchange)
             exchange.status = reply.status
         except ProxyError as error:
@@ -384,6 +450,37 @@ class Sidecar:
             raise
         finally:
             self._record(exchange, snapshot)
+
+    async def _intercept(
+        self, reply: Reply, route: Route, host: str, port: int, exchange: Exchange
+    ) -> None:
+        """CONNECT to an intercepting route: 200, then TLS with a pod-CA leaf for ``host``."""
+        exchange.route, exchange.host = route.name, f"{host}:{port}"
+        exchange.intercepted = True
+        contexts = self.intercept
+        if contexts is None or not contexts.ca.covers(host):
+            raise Forbidden(
+                f"route {route.name!r} was set to intercept after the pod CA was made; its "
+                "name constraints do not cover it (restart the pod)",
+                route=route.name,
+            )
+        try:
+            await reply.intercept(host, port, contexts)
+        except HandshakeFailed as failed:
+            exchange.status, exchange.error = 200, f"tls_{failed.reason}"
+            self.metrics.intercept_handshakes.labels(route.name, failed.reason).inc()
+            log.warning(
+                "TLS handshake with the app failed; nothing was forwarded",
+                extra={
+                    "route": route.name,
+                    "host": host,
+                    "reason": failed.reason,
+                    "detail": failed.detail,
+                },
+            )
+            return
+        self.metrics.intercept_handshakes.labels(route.name, "ok").inc()
+        exchange.status = 200
 
     def _record(self, exchange: Exchange, snapshot: Snapshot) -> None:
         known = exchange.route in snapshot.routing.all_route_names

@@ -126,3 +126,23 @@ def test_the_import_table_has_a_row_per_group_and_a_total(
     sizes = [float(row.split("|")[2].strip(" *")) for row in rows[1:]]
     assert sizes[-1] > 20  # the resident total: CPython and asyncio alone are more
     assert abs(sum(sizes[:-1]) - sizes[-1]) < 0.5  # the rows add up to it (rounding)
+
+
+def test_the_intercepted_https_cell_runs_through_connect_and_tls(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """(g): the load generator calls https:// through CONNECT, trusting the exported pod CA."""
+    code = bench_main(
+        [
+            "--rounds", "1", "--duration", "0.3", "--only", "dpoptls",
+            "--python-load", "--aiohttp-origin", "--no-install", "--results", str(tmp_path),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    assert (
+        "(g) sidecar, DPoP, app calls https:// (intercepted" in (tmp_path / "latest.md").read_text()
+    )
+    rows = [line for line in capsys.readouterr().out.splitlines() if " dpoptls " in line]
+    assert rows
+    assert all(row.endswith("errors 0") for row in rows)
+    assert all(float(row.split()[4]) > 0 for row in rows)  # req/s

@@ -50,12 +50,22 @@ def _option_args(parser: argparse.ArgumentParser) -> None:
         default=defaults.config_map,
         help=f"ConfigMap with sidecar.yaml (default {defaults.config_map})",
     )
+    parser.add_argument(
+        "--intercept",
+        action="store_true",
+        help="give every injected app HTTPS_PROXY and the pod CA (TLS interception; the "
+        f"annotation {PREFIX}intercept sets it per workload)",
+    )
 
 
 def _options(args: argparse.Namespace) -> Options | None:
     try:
         return DEFAULTS.with_annotations(
-            {f"{PREFIX}image": args.image, f"{PREFIX}config-map": args.config_map}
+            {
+                f"{PREFIX}image": args.image,
+                f"{PREFIX}config-map": args.config_map,
+                f"{PREFIX}intercept": str(bool(args.intercept)).lower(),
+            }
         )
     except InjectError as exc:
         print(f"sidecar: {exc}", file=sys.stderr)

@@ -30,6 +30,16 @@ SPIFFE_SOCKET = f"unix://{SPIFFE_DIR}/spire-agent.sock"
 CONFIG_VOLUME = "spiffe-oauth-sidecar-config"
 CONFIG_DIR = "/etc/sidecar"
 TMP_VOLUME = "spiffe-oauth-sidecar-tmp"
+# TLS interception (docs/https.md): the CA key stays in a volume only the sidecar mounts; what
+# the app must trust is written to a second one the app containers mount read-only.
+CA_VOLUME = "spiffe-oauth-sidecar-ca"
+CA_DIR = "/var/run/spiffe-oauth-sidecar/ca"
+TRUST_VOLUME = "spiffe-oauth-sidecar-trust"
+TRUST_DIR = "/var/run/spiffe-oauth-sidecar/trust"
+TRUST_BUNDLE = f"{TRUST_DIR}/ca-bundle.pem"  # the system CAs + the pod CA
+TRUST_CA = f"{TRUST_DIR}/ca.pem"
+TRUST_STORE = f"{TRUST_DIR}/truststore.p12"
+JAVA_TRUST = f"-Djavax.net.ssl.trustStore={TRUST_STORE} -Djavax.net.ssl.trustStoreType=PKCS12"
 RUN_AS = 65532  # the image's numeric non-root user
 
 # Names the app must reach directly, never through the proxy: loopback and in-cluster services.
@@ -37,6 +47,8 @@ NO_PROXY = "localhost,127.0.0.1,::1,.svc,.svc.cluster.local,.cluster.local,kuber
 
 ANNOTATIONS = {
     "inject": '"false" to leave this workload alone',
+    "intercept": '"true": the app calls https:// too (HTTPS_PROXY, the pod CA and the trust '
+    "variables; routes need intercept: true)",
     "config-map": f"ConfigMap holding sidecar.yaml (default {CONFIG_MAP})",
     "port": "proxy port on 127.0.0.1 the app's HTTP_PROXY points at (default 15001)",
     "admin-port": "port of /healthz, /readyz and /metrics on the pod IP (default 15000)",
@@ -69,6 +81,7 @@ class InjectError(ValueError):
 @dataclass(frozen=True)
 class Options:
     enabled: bool = True
+    intercept: bool = False  # opt-in: the app is given the pod CA and HTTPS_PROXY
     config_map: str = CONFIG_MAP
     port: int = 15001
     admin_port: int = 15000
@@ -91,10 +104,13 @@ class Options:
         for key, raw in ours.items():
             value = str(raw).strip()
             where = f"annotation {PREFIX}{key}={value!r}"
-            if key == "inject":
+            if key in ("inject", "intercept"):
                 if value.lower() not in ("true", "false", "enabled", "disabled"):
                     raise InjectError(f"{where}: must be true or false")
-                changes["enabled"] = value.lower() in ("true", "enabled")
+                changes["enabled" if key == "inject" else key] = value.lower() in (
+                    "true",
+                    "enabled",
+                )
             elif key == "config-map":
                 if not _DNS_LABEL.match(value):
                     raise InjectError(f"{where}: must be a ConfigMap name (DNS label)")
@@ -217,9 +233,29 @@ def inject_pod_spec(spec: dict[str, Any], options: Options) -> None:
         env = _named_list(container, "env")
         for var in proxy_env(options):
             _upsert(env, var)
+        if options.intercept:
+            for var in trust_env():
+                _keep_or_add(env, var)
+            _merge_java_options(env)
+            mounts = _named_list(container, "volumeMounts")
+            _upsert(mounts, {"name": TRUST_VOLUME, "mountPath": TRUST_DIR, "readOnly": True})
 
 
 def sidecar_container(options: Options) -> dict[str, Any]:
+    container = _sidecar_container(options)
+    if options.intercept:
+        container["env"] += [
+            {"name": "SIDECAR_CA_DIR", "value": CA_DIR},
+            {"name": "SIDECAR_TRUST_DIR", "value": TRUST_DIR},
+        ]
+        container["volumeMounts"] += [
+            {"name": CA_VOLUME, "mountPath": CA_DIR},
+            {"name": TRUST_VOLUME, "mountPath": TRUST_DIR},
+        ]
+    return container
+
+
+def _sidecar_container(options: Options) -> dict[str, Any]:
     def probe(path: str, **timing: int) -> dict[str, Any]:
         return {"httpGet": {"path": path, "port": "sidecar-admin"}, **timing}
 
@@ -266,21 +302,60 @@ def sidecar_container(options: Options) -> dict[str, Any]:
 
 
 def sidecar_volumes(options: Options) -> list[dict[str, Any]]:
-    return [
+    volumes = [
         {"name": SPIFFE_VOLUME, "csi": {"driver": "csi.spiffe.io", "readOnly": True}},
         {"name": CONFIG_VOLUME, "configMap": {"name": options.config_map}},
         {"name": TMP_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
     ]
+    if options.intercept:
+        # Both live as long as the pod: a sidecar restart keeps the CA the app loaded.
+        volumes += [
+            {"name": CA_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
+            {"name": TRUST_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "4Mi"}},
+        ]
+    return volumes
 
 
 def proxy_env(options: Options) -> list[dict[str, Any]]:
     proxy = f"http://127.0.0.1:{options.port}"
-    return [
+    env = [
         {"name": "HTTP_PROXY", "value": proxy},
         {"name": "http_proxy", "value": proxy},
         {"name": "NO_PROXY", "value": NO_PROXY},
         {"name": "no_proxy", "value": NO_PROXY},
     ]
+    if options.intercept:
+        env += [{"name": "HTTPS_PROXY", "value": proxy}, {"name": "https_proxy", "value": proxy}]
+    return env
+
+
+def trust_env() -> list[dict[str, Any]]:
+    """The variables the common runtimes read for their trusted CAs (docs/https.md)."""
+    return [
+        {"name": "SSL_CERT_FILE", "value": TRUST_BUNDLE},  # OpenSSL: Python ssl, urllib, httpx
+        {"name": "REQUESTS_CA_BUNDLE", "value": TRUST_BUNDLE},  # requests (certifi otherwise)
+        {"name": "CURL_CA_BUNDLE", "value": TRUST_BUNDLE},
+        {"name": "NODE_EXTRA_CA_CERTS", "value": TRUST_CA},  # added to Node's own list
+    ]
+
+
+def _keep_or_add(env: list[dict[str, Any]], var: dict[str, Any]) -> None:
+    """An app that names its own CA file keeps it (replacing it would drop the CAs it trusts):
+    it must add the pod CA to that file itself (docs/https.md)."""
+    if not any(e.get("name") == var["name"] for e in env):
+        env.append(var)
+
+
+def _merge_java_options(env: list[dict[str, Any]]) -> None:
+    """JAVA_TOOL_OPTIONS gets the truststore flags added, never an existing value replaced;
+    an app that already chose a truststore keeps it."""
+    for entry in env:
+        if entry.get("name") == "JAVA_TOOL_OPTIONS":
+            value = entry.get("value")
+            if isinstance(value, str) and "-Djavax.net.ssl.trustStore=" not in value:
+                entry["value"] = f"{value} {JAVA_TRUST}".strip()
+            return  # a valueFrom, or a truststore already chosen: left alone
+    env.append({"name": "JAVA_TOOL_OPTIONS", "value": JAVA_TRUST})
 
 
 def _named_list(parent: dict[str, Any], key: str) -> list[dict[str, Any]]:

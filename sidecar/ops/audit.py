@@ -30,6 +30,7 @@ class Exchange:
         "cache",
         "error",
         "host",
+        "intercepted",
         "method",
         "path",
         "query",
@@ -59,6 +60,7 @@ class Exchange:
         self.status = 0
         self.error: str | None = None
         self.upstream_seconds: float | None = None
+        self.intercepted = False  # decrypted from an intercepted https:// connection
 
     def record(self, spiffe_id: str | None, *, with_query: bool) -> None:
         if not log.isEnabledFor(logging.INFO):
@@ -69,6 +71,7 @@ class Exchange:
             "route": self.route,
             "method": self.method,
             "host": self.host,
+            "intercepted": self.intercepted or None,
             "path": self.path,
             "scopes": " ".join(self.scopes) if self.scopes else None,
             "status": self.status,

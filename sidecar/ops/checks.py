@@ -138,6 +138,8 @@ def summary(cfg: Config) -> str:
             lines.append(f"  route {dest.name}: CONNECT {dest.host}:{ports} (blind tunnel)")
             continue
         local = f", local port {dest.local_port}" if dest.local_port else ""
+        if dest.intercept:
+            local += ", https:// intercepted (pod CA)"
         lines.append(
             f"  route {dest.name}: {dest.host} -> {dest.upstream or 'https://' + dest.host} "
             f"{_credential_summary(cfg, dest)}{local}"

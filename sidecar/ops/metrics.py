@@ -93,6 +93,19 @@ class Metrics:
         self.tunnels = Counter(
             "sidecar_tunnels", "CONNECT tunnels opened, by route.", ["route"], registry=r
         )
+        self.intercept_handshakes = Counter(
+            "sidecar_intercept_handshakes",
+            "TLS handshakes with the app on intercepting routes, by outcome (ok, unknown_ca, "
+            "sni_mismatch, protocol, closed, timeout).",
+            ["route", "outcome"],
+            registry=r,
+        )
+        self.intercepted_requests = Counter(
+            "sidecar_intercepted_requests",
+            "Requests decrypted from intercepted https:// connections, by route.",
+            ["route"],
+            registry=r,
+        )
 
     def request_done(
         self, route: str, method: str, status: int, upstream_seconds: float | None

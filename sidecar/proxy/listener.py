@@ -23,7 +23,10 @@ timing of the reads.
 The seam to the rest of the data path is :data:`Handler`: ``await handler(request, reply)``.
 The handler answers through :class:`Reply` (one write for a whole answer, or a stream), or raises
 :class:`~sidecar.errors.ProxyError`, which becomes the JSON error if nothing was sent yet.
-CONNECT requests are handed over raw with :meth:`Reply.take_over` (see ``tunnel.py``).
+CONNECT requests are handed over raw with :meth:`Reply.take_over` (see ``tunnel.py``), or,
+for an intercepting route, answered ``200`` and wrapped in TLS with :meth:`Reply.intercept`: the
+same connection then goes on as origin-form requests whose :attr:`Request.authority` is the
+CONNECT host (``intercept/``). One parser, one serving loop, one handler for both.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from sidecar.config import Address
 from sidecar.errors import BadRequest, ProxyError
 from sidecar.proxy.admission import Admission
 from sidecar.proxy.flow import BodyBuffer, WriteFlow
+from sidecar.proxy.intercept.server import ServerContexts, accept_tls
 from sidecar.routing import OVERRIDE_HEADERS
 
 log = logging.getLogger("sidecar.listener")
@@ -74,6 +78,7 @@ class Request:
         "_expect_continue",
         "_failed",
         "_waiter",
+        "authority",
         "chunked",
         "consumed",
         "content_length",
@@ -104,6 +109,8 @@ class Request:
         self.headers = headers
         self.keep_alive = keep_alive
         self.local_port = conn.port
+        # (host, port) of the intercepted CONNECT this request was decrypted from, else None.
+        self.authority = conn.authority
         self.content_length: int | None = None
         self.chunked = False
         self._expect_continue = False
@@ -143,6 +150,10 @@ class Request:
         transport = self._conn.transport
         peer = transport.get_extra_info("peername") if transport is not None else None
         return str(peer[0]) if isinstance(peer, tuple) and peer else None
+
+    @property
+    def intercepted(self) -> bool:
+        return self.authority is not None
 
     @property
     def body_exists(self) -> bool:
@@ -300,6 +311,19 @@ class Reply:
         self._close = True
         self._conn.close()
 
+    async def intercept(self, host: str, port: int, contexts: ServerContexts) -> None:
+        """Answer a CONNECT ``200``, then terminate the app's TLS for ``host`` on the same
+        connection; its requests come next, as origin-form for ``host:port``. Raises
+        :class:`~sidecar.proxy.intercept.server.HandshakeFailed` (the connection is closed)."""
+        conn = self._conn
+        if conn._early_tunnel_bytes:
+            # A ClientHello sent before our answer would be lost to the handshake.
+            raise BadRequest("the app sent data before the CONNECT was answered")
+        self.started = True
+        self.status = 200
+        conn.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await conn.start_tls(host, port, contexts)
+
     def take_over(self, sink: Callable[[bytes], None]) -> Tunnel:
         """Hand the connection to a tunnel: app bytes go to ``sink`` from now on."""
         self.started = True
@@ -377,6 +401,8 @@ class _Connection(asyncio.Protocol):
         self._sink: Callable[[bytes], None] | None = None
         self._broken = False  # a parse error: answer what is queued, then close
         self._early_tunnel_bytes = b""  # app bytes that followed a CONNECT head
+        self.authority: tuple[str, int] | None = None  # set once TLS is intercepted
+        self._handshaking = False
         self.closed = False
         self.closed_event = asyncio.Event()
         self._gone: asyncio.Future[None] | None = None  # made by the first wait that needs it
@@ -407,7 +433,7 @@ class _Connection(asyncio.Protocol):
         self._flow.fail(AppGone("the app closed the connection"))
         if self._next is not None and not self._next.done():
             self._next.set_result(None)  # the serving task sees the connection closed and ends
-        elif self.busy and self._sink is None and self._task is not None:
+        elif self.busy and self._sink is None and not self._handshaking and self._task:
             # Nobody will read the answer: stop waiting for it. A request still queued or
             # waiting for a token is never sent; one waiting on the upstream gives its
             # connection slot back now, not after read_timeout (a stalled upstream's slots
@@ -464,6 +490,22 @@ class _Connection(asyncio.Protocol):
         if waiting is not None and now - max(waiting, self.last_activity) > BODY_IDLE_TIMEOUT:
             return True
         return not self.busy and now - self.last_activity > KEEPALIVE_IDLE
+
+    async def start_tls(self, host: str, port: int, contexts: ServerContexts) -> None:
+        """Wrap this connection in TLS for ``host`` and go on as origin-form requests for
+        ``host:port`` through the same parser and handler. Reading must be paused (it is
+        after a CONNECT head); transparent capture (#19) calls this from its own entry."""
+        transport = self.transport
+        assert transport is not None
+        self._handshaking = True
+        try:
+            tls = await accept_tls(transport, self, host, contexts)
+        finally:
+            self._handshaking = False
+        self.transport = tls
+        self.authority = (host, port)
+        self._parser = httptools.HttpRequestParser(self)  # the CONNECT one is "upgraded"
+        self.resume_reading("connect")
 
     def tunnel(self, sink: Callable[[bytes], None]) -> Tunnel:
         self._sink = sink
@@ -628,6 +670,11 @@ class _Connection(asyncio.Protocol):
                     self.busy = False
                 self._queue.popleft()
                 self.last_activity = time.monotonic()
+                if request.method == "CONNECT" and request.authority is None:
+                    if self.authority is None or self.closed:
+                        self.close()  # a tunnel ended, or a refusal: nothing more
+                        return
+                    continue  # intercepted: its requests come in TLS on this connection
                 if (
                     reply._close
                     or not request.keep_alive

@@ -1,0 +1,1 @@
+"""TLS interception for apps that call ``https://``: the pod CA and the server side of TLS."""

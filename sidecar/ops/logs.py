@@ -31,13 +31,13 @@ def fields(record: logging.LogRecord) -> dict[str, Any]:
 
 class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = redact(str(record.msg))
-        if record.args:
-            record.args = (
-                tuple(redact(str(a)) for a in record.args)
-                if isinstance(record.args, tuple)
-                else record.args
-            )
+        # Redact the message as it will read: formatted once here, so a %-argument of any type
+        # (a third-party library's "%d") keeps working and a JWT inside str(arg) is caught too.
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # arguments that do not fit the format: keep both
+            message = f"{record.msg} {record.args!r}"
+        record.msg, record.args = redact(message), None
         for key, value in fields(record).items():
             if isinstance(value, str):
                 setattr(record, key, redact(value))

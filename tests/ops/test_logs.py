@@ -56,3 +56,26 @@ def test_set_audit_is_independent_of_the_root_level() -> None:
     assert logging.getLogger(logs_module.AUDIT).isEnabledFor(logging.INFO)
     logs_module.set_audit(False)
     assert not logging.getLogger(logs_module.AUDIT).isEnabledFor(logging.CRITICAL)
+
+
+def test_the_redacting_filter_keeps_non_string_arguments_and_redacts_inside_them() -> None:
+    """Third-party libraries log with %d and %r arguments (urllib3 does): redaction must not
+    turn them into strings a format cannot take, and a JWT inside str(arg) is still caught."""
+    jwt_like = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
+
+    class Holder:
+        def __str__(self) -> str:
+            return f"holder of {jwt_like}"
+
+    record = logging.LogRecord("urllib3", logging.DEBUG, __file__, 1, "%s:%d %s", None, None)
+    record.args = ("host", 443, Holder())
+    assert logs_module.RedactingFilter().filter(record)
+    message = record.getMessage()
+    assert message == "host:443 holder of [redacted]"
+    assert jwt_like not in logs_module.JsonFormatter().format(record)
+
+
+def test_the_redacting_filter_survives_arguments_that_do_not_fit() -> None:
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "%d things", ("many",), None)
+    assert logs_module.RedactingFilter().filter(record)
+    assert "many" in record.getMessage()

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -209,10 +208,6 @@ async def test_the_sidecar_and_google_auth_send_the_same_and_get_the_same(
     monkeypatch.setenv(
         "GOOGLE_SDK_EXPERIMENTAL_PYTHON_REGIONAL_ACCESS_BOUNDARY_LOOKUP_ENABLED", "false"
     )
-    # urllib3 logs "%d" arguments at DEBUG, which sidecar.ops.logs.RedactingFilter turns into
-    # strings (a TypeError when formatted): keep requests' own debug lines out of the capture.
-    urllib3_log = logging.getLogger("urllib3")
-    monkeypatch.setattr(urllib3_log, "level", logging.INFO)
     scopes = [READ_ONLY] if account else [CLOUD]
     extra = {"service_account": account} if account else {}
     async with local_google(stack) as google, recording_origin(stack) as (upstream, seen):

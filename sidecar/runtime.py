@@ -550,11 +550,18 @@ class Sidecar:
     def readiness_state(self) -> Readiness:
         """What /readyz says (sidecar/ops/readiness.py): computed now, from the data path."""
         servers = self.config.authorization_servers.values()
+        # Only authorization servers take the SPIFFE identity: a config of header routes alone
+        # never asks for an SVID, and must not wait for one.
+        identity = (
+            self.identity.problem(need_x509=any(s.client_auth == "mtls" for s in servers))
+            if servers
+            else None
+        )
         return evaluate(
             policy=self.config.readiness,
             stopping=self.stopping,
             loaded=self.snapshot is not None,
-            identity=self.identity.problem(need_x509=any(s.client_auth == "mtls" for s in servers)),
+            identity=identity,
             routes=self.route_states(),
         )
 

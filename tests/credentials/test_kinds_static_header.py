@@ -403,3 +403,21 @@ async def test_reloads_do_not_keep_old_routes_kinds(stack: DevStack, tmp_path: P
                 assert (await app.request("GET", f"http://{HOST}/{attempt}"))[0] == 200
                 assert len(sidecar.credentials._per_route) == 1  # the old routes' kinds went
     assert [received(s, b"x-api-key") for s in seen] == [[API_KEY.encode()]] * 3
+
+
+async def test_a_sidecar_with_only_header_routes_is_ready_without_an_svid(
+    stack: DevStack, tmp_path: Path
+) -> None:
+    """No route needs the SPIFFE identity: readiness must not wait for an SVID it never asks
+    for (the pod would stay unready for ever)."""
+    key = tmp_path / "key"
+    write_secret(key, API_KEY)
+    async with recording_origin(stack) as (upstream, _seen):
+        cfg = header_config(
+            stack, upstream, [{"name": "X-Api-Key", "file": str(key)}], allow_private=True
+        )
+        async with Sidecar(cfg, grace=1.0) as sidecar, AppClient(sidecar) as app:
+            status, _, body = await app.request("GET", f"http://{HOST}/v1/things")
+            assert status == 200, body
+            ready, problems = sidecar.readiness()
+    assert (ready, problems) == (True, {})

@@ -744,7 +744,9 @@ def _destination(node: _Node, servers: Mapping[str, object], base: Path) -> Dest
         "upstream", lambda v: _https_url(v, allow_path=False, cleartext=cleartext)
     )
     tunnel = bool(node.get("tunnel", bool, False))
-    token_type = node.choice("token_type", ("dpop", "bearer"), "dpop")
+    named = node.child("authorization_server").value  # checked below; the default needs it now
+    default_type = _default_token_type(servers, named if isinstance(named, str) else None)
+    token_type = node.choice("token_type", ("dpop", "bearer"), default_type)
     credential = _credential(node, token_type)
     oauth = credential in OAUTH_KINDS
     as_name = node.get(
@@ -945,6 +947,13 @@ def _intercept(root: _Node, env: Mapping[str, str], base: Path) -> Intercept:
             "the app mounts export_dir: the CA key directory must not be inside it"
         )
     return result
+
+
+def _default_token_type(servers: Mapping[str, object], as_name: str | None) -> str:
+    """A route's token_type defaults to its authorization server's ``dpop`` setting; the
+    route's own ``token_type`` wins when it is set."""
+    server = servers.get(as_name or "")
+    return "bearer" if isinstance(server, AuthorizationServer) and not server.dpop else "dpop"
 
 
 def _port_like(node: _Node, key: str, default: int | None, low: int, high: int) -> int | None:

@@ -132,12 +132,15 @@ def token_form(server: AuthorizationServer, key: TokenKey, svid: JwtSvid | None)
     elif server.grant == "jwt_bearer":
         form["grant_type"] = JWT_BEARER_GRANT
         form["assertion"] = assertion
-    if server.client_auth == "jwt_svid":
-        form["client_assertion_type"] = JWT_SPIFFE
+    if server.client_auth in ("jwt_svid", "jwt_bearer"):
+        form["client_assertion_type"] = (
+            JWT_SPIFFE if server.client_auth == "jwt_svid" else JWT_BEARER_ASSERTION
+        )
         form["client_assertion"] = assertion
-    elif server.client_auth == "jwt_bearer":
-        form["client_assertion_type"] = JWT_BEARER_ASSERTION
-        form["client_assertion"] = assertion
+        if server.client_id:
+            # RFC 7521 §4.2 makes client_id optional beside an assertion, but Entra ID requires
+            # it; the assertion's sub (the SPIFFE ID) names the client otherwise.
+            form["client_id"] = key.client_id
     elif (
         server.client_auth == "mtls"
         # JSON token APIs (AI vendors) name the client in their own fields: a client_id is

@@ -17,11 +17,11 @@ from typing import Any
 import pytest
 
 from sidecar.devstack.saas_api import DevSaasApi
-from sidecar.devstack.stack import SAAS_HOST, SAAS_RESOURCE, SAAS_SCOPE_RULES, DevStack
+from sidecar.devstack.stack import SAAS_RESOURCE, DevStack
 from tests.conftest import AppClient, LogCapture, assert_no_secrets, running_sidecar
 from tests.interop.oidc_provider import OidcProvider, oidc_provider
+from tests.interop.peers import URL, credentials_seen, resource_server, served
 
-URL = f"http://{SAAS_HOST}/v1/invoices"
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 SCOPES = ["invoices:read", "invoices:write"]
 RESOURCES = {SAAS_RESOURCE: {"scopes": SCOPES, "ttl": 600}}
@@ -45,11 +45,6 @@ EXCHANGER = {
     "dpop_bound_access_tokens": True,
     "grant_types": [TOKEN_EXCHANGE],
 }
-
-
-def served(saas: DevSaasApi) -> list[dict[str, Any]]:
-    """Claims of the tokens behind the API's successful answers (not its nonce challenges)."""
-    return [seen.token_claims for seen in saas.requests if seen.status == 200 and seen.token_claims]
 
 
 class Interop:
@@ -79,13 +74,8 @@ async def interop(stack: DevStack, logs: LogCapture) -> AsyncIterator[Callable[.
         )
         provider = await provider_cm.__aenter__()
         started.append(provider_cm)
-        saas_cm = DevSaasApi(
-            issuer=provider.issuer,
-            as_jwks=lambda: provider.public_jwks,
-            audience=SAAS_RESOURCE,
-            ssl_context=stack.ca.issue_server("127.0.0.1").server_context(),
-            scope_rules=SAAS_SCOPE_RULES,
-            require_nonce=True,
+        saas_cm = resource_server(
+            stack, provider.issuer, lambda: provider.public_jwks, require_nonce=True
         )
         saas = await saas_cm.__aenter__()
         started.append(saas_cm)
@@ -97,14 +87,7 @@ async def interop(stack: DevStack, logs: LogCapture) -> AsyncIterator[Callable[.
         for cm in reversed(started):
             await cm.__aexit__(None, None, None)
     # No token the provider issued, and no proof the sidecar made, reached a log.
-    credentials = [
-        value.rpartition(" ")[2]
-        for saas in started
-        if isinstance(saas, DevSaasApi)
-        for seen in saas.requests
-        for name, value in seen.headers
-        if name.lower() in ("authorization", "dpop")
-    ]
+    credentials = credentials_seen(api for api in started if isinstance(api, DevSaasApi))
     assert_no_secrets(logs.text(), [*stack.secrets(), *credentials])
 
 

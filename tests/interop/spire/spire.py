@@ -21,6 +21,8 @@ from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from sidecar.credentials.identity import WorkloadIdentity
 from tests.interop.cache import missing
 
@@ -33,8 +35,9 @@ def binaries() -> Path:
     """The directory `make spire` built into (the Makefile passes it as $SIDECAR_SPIRE_BIN)."""
     explicit = os.environ.get("SIDECAR_SPIRE_BIN")
     if not explicit:
-        missing("SPIRE runs in its own target: `make interop-spire` (.ci/run runs it)")
-    path = Path(str(explicit))
+        # Not a failure under CI either: .ci/run runs these in their own target.
+        pytest.skip("SPIRE runs in its own target: `make interop-spire` (.ci/run runs it)")
+    path = Path(explicit)
     if not (path / "spire-server").is_file() or not (path / "spire-agent").is_file():
         missing(f"SPIRE is not built in {path}: run `make spire`")
     return path

@@ -13,16 +13,22 @@ URL = f"http://{SAAS_HOST}/v1/invoices"
 
 
 def resource_server(
-    stack: DevStack, issuer: str, jwks: Callable[[], Mapping[str, Any]], **options: Any
+    stack: DevStack,
+    issuer: str,
+    jwks: Callable[[], Mapping[str, Any]],
+    *,
+    audience: str = SAAS_RESOURCE,
+    scope_rules: Iterable[tuple[str, str, str]] = SAAS_SCOPE_RULES,
+    **options: Any,
 ) -> DevSaasApi:
     """The strict dev SaaS API (RFC 9068 tokens, DPoP proofs checked against ``cnf.jkt``),
     trusting ``issuer``'s signing keys, with TLS from the stack's CA (not started yet)."""
     return DevSaasApi(
         issuer=issuer,
         as_jwks=jwks,
-        audience=SAAS_RESOURCE,
+        audience=audience,
         ssl_context=stack.ca.issue_server("127.0.0.1").server_context(),
-        scope_rules=SAAS_SCOPE_RULES,
+        scope_rules=scope_rules,
         **options,
     )
 

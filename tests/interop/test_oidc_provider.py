@@ -21,6 +21,7 @@ from sidecar.devstack.stack import SAAS_RESOURCE, DevStack
 from tests.conftest import AppClient, LogCapture, assert_no_secrets, running_sidecar
 from tests.interop.oidc_provider import OidcProvider, oidc_provider
 from tests.interop.peers import URL, credentials_seen, resource_server, served
+from tests.interop.recipes import recipe
 
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 SCOPES = ["invoices:read", "invoices:write"]
@@ -192,3 +193,46 @@ async def test_x509_rotation_gets_a_new_token_from_the_provider(
     await env.provider.wait_for_grants(2, "client_credentials")
     first, second = served(env.saas)
     assert first["jti"] != second["jti"]
+
+
+def from_recipe(title: str, env: Interop, **endpoint: str) -> dict[str, Any]:
+    """The config/README recipe pointed at this provider: its endpoint and the test CA."""
+    doc = recipe(title)
+    [(name, server)] = doc["authorization_servers"].items()
+    server.update(endpoint, ca_file=str(env.stack.ca_file))
+    return {
+        "authorization_servers": {name: server},
+        "destination": {"authorization_server": name, "upstream": env.saas.base_url},
+    }
+
+
+async def test_the_mtls_recipe_in_the_config_readme_runs(
+    stack: DevStack, interop: Callable[..., Any]
+) -> None:
+    env = await interop(mtls_client(stack.spiffe_id))
+    settings = from_recipe("mTLS", env, issuer=env.provider.issuer)
+    async with running_sidecar(stack, **settings) as sidecar, AppClient(sidecar) as app:
+        status, _, body = await app.request("GET", URL)
+        thumbprint = sidecar.dpop_key.thumbprint
+    assert status == 200, body
+    await env.provider.wait_for_grants(1, "client_credentials")
+    (claims,) = served(env.saas)
+    assert claims["cnf"]["jkt"] == thumbprint  # the recipe's default: DPoP
+
+
+async def test_the_token_exchange_recipe_in_the_config_readme_runs(
+    stack: DevStack, interop: Callable[..., Any]
+) -> None:
+    env = await interop({**EXCHANGER, "client_id": "sidecar"})  # the recipe's client_id
+    token_endpoint = f"{env.provider.issuer.rstrip('/')}/token"
+    settings = from_recipe(
+        "Token exchange", env, token_endpoint=token_endpoint, svid_audience=env.provider.issuer
+    )
+    async with running_sidecar(stack, **settings) as sidecar, AppClient(sidecar) as app:
+        status, _, body = await app.request("GET", URL)
+    assert status == 200, body
+    await env.provider.wait_for_grants(1, TOKEN_EXCHANGE)
+    (claims,) = served(env.saas)
+    assert claims["act"] == {"sub": "sidecar"}
+    assert claims["spiffe_id"] == stack.spiffe_id
+    assert stack.workload_api.jwt_svid_requests == [(env.provider.issuer,)]

@@ -25,8 +25,10 @@ from sidecar.devstack.stack import SPIFFE_ID, DevStack, dev_stack
 from tests.conftest import AppClient, LogCapture, assert_no_secrets, running_sidecar
 from tests.interop.keycloak.server import FEDERATION_REALM, OIDC_CLIENT, SPIFFE_CLIENT, Keycloak
 from tests.interop.peers import URL, credentials_seen, resource_server, served
+from tests.interop.recipes import recipe
 
 JWT_SPIFFE = "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe"
+VENDOR = "https://api.vendor.example"  # the API of the config/README recipe
 
 
 @pytest.fixture
@@ -223,3 +225,31 @@ async def test_rfc7523_client_assertion_from_an_oidc_issuer(
     [token] = served(federated)
     assert token["azp"] == OIDC_CLIENT
     assert token["cnf"]["jkt"] == thumbprint
+
+
+async def test_the_keycloak_recipe_in_the_config_readme_runs(
+    stack: DevStack, keycloak: Keycloak, logs: LogCapture
+) -> None:
+    doc = recipe("Keycloak")
+    [server] = doc["authorization_servers"].values()
+    assert server["issuer"].endswith("/realms/workloads")  # the realm of realm.json
+    server.update(issuer=keycloak.issuer, ca_file=str(keycloak.ca_file))
+    keycloak.bundle.serve(stack.trust_domain)
+    vendor_rules = (("GET", "/v1", "vendor.read"),)
+    rs = resource_server(
+        stack, keycloak.issuer, lambda: keycloak.jwks, audience=VENDOR, scope_rules=vendor_rules
+    )
+    async with rs as vendor:
+        [route] = doc["destinations"]
+        route.update(upstream=vendor.base_url, ca_file=str(stack.ca_file), allow_private=True)
+        async with (
+            running_sidecar(stack, **doc) as sidecar,
+            AppClient(sidecar) as app,
+        ):
+            status, _, body = await app.request("GET", f"http://{route['host']}/v1/items")
+            thumbprint = sidecar.dpop_key.thumbprint
+    assert status == 200, body
+    [token] = served(vendor)
+    assert token["scope"] == "vendor.read"
+    assert token["cnf"]["jkt"] == thumbprint
+    assert_no_secrets(logs.text(), credentials_seen([vendor]))

@@ -212,10 +212,26 @@ class Intercept:
 
 
 @dataclass(frozen=True)
+class SvidFileSet:
+    """``spiffe.files``: SVIDs written by spiffe-helper, tbot or the SPIFFE CSI driver."""
+
+    x509_svid: Path | None  # PEM chain, leaf first
+    x509_key: Path | None  # PKCS#8 PEM
+    bundle: Path | None  # PEM trust bundle the chain must be issued by
+    jwt_svids: Mapping[str, Path]  # audience -> file holding the JWT-SVID for it
+    interval: float = 2.0  # seconds between checks for a rotated file
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        found = (self.x509_svid, self.x509_key, self.bundle, *self.jwt_svids.values())
+        return tuple(p for p in found if p is not None)
+
+
+@dataclass(frozen=True)
 class Config:
     listen: Address
     admin: Address | None
-    spiffe_socket: str
+    spiffe_socket: str  # '' when the identity comes from files
     authorization_servers: Mapping[str, AuthorizationServer]
     destinations: tuple[Destination, ...]
     source: Path | None = None
@@ -233,6 +249,7 @@ class Config:
     readiness: ReadinessPolicy = "startup"
     audit: bool = True  # audit.enabled: the audit stream, whatever log.level says
     intercept: Intercept = field(default_factory=Intercept)
+    spiffe_files: SvidFileSet | None = None  # identity from files instead of the socket
 
     @property
     def intercept_hosts(self) -> tuple[str, ...]:
@@ -949,6 +966,32 @@ def _intercept(root: _Node, env: Mapping[str, str], base: Path) -> Intercept:
     return result
 
 
+def _svid_files(node: _Node, base: Path) -> SvidFileSet | None:
+    if not node.mapping({"x509_svid", "x509_key", "bundle", "jwt_svids", "interval"}):
+        return None
+    x509_svid, x509_key = _file(node, "x509_svid", base), _file(node, "x509_key", base)
+    if (x509_svid is None) != (x509_key is None):
+        node.problem("x509_svid and x509_key go together", f"{node.path}.x509_key")
+    jwt_svids: dict[str, Path] = {}
+    jwt_node = node.child("jwt_svids")
+    if jwt_node.value is not None and jwt_node.mapping(
+        {str(k) for k in jwt_node.value} if isinstance(jwt_node.value, dict) else set()
+    ):
+        for audience in jwt_node.value:
+            path = _file(jwt_node, str(audience), base)
+            if path is not None:
+                jwt_svids[str(audience)] = path
+    if x509_svid is None and not jwt_svids:
+        node.problem("needs x509_svid and x509_key, or jwt_svids (audience: file), or both")
+    return SvidFileSet(
+        x509_svid=x509_svid,
+        x509_key=x509_key,
+        bundle=_file(node, "bundle", base),
+        jwt_svids=jwt_svids,
+        interval=_positive(node, "interval", 2.0),
+    )
+
+
 def _default_token_type(servers: Mapping[str, object], as_name: str | None) -> str:
     """A route's token_type defaults to its authorization server's ``dpop`` setting; the
     route's own ``token_type`` wins when it is set."""
@@ -1045,11 +1088,18 @@ def _parse(root: _Node, source: Path | None, env: Mapping[str, str], base: Path)
 
     spiffe = root.child("spiffe")
     socket = env.get(ENV_SPIFFE_SOCKET, "")
-    if spiffe.value is not None and spiffe.mapping({"socket"}):
-        socket = spiffe.get("socket", str, socket) or socket
-    if not socket:
-        spiffe.problem(f"needs socket (or set ${ENV_SPIFFE_SOCKET})", "spiffe.socket")
-    elif not socket.startswith(("unix:///", "unix:/")):
+    svid_files: SvidFileSet | None = None
+    if spiffe.value is not None and spiffe.mapping({"socket", "files"}):
+        if spiffe.child("files").value is not None:
+            svid_files = _svid_files(spiffe.child("files"), base)
+            socket = ""  # the files are the identity; $SPIFFE_ENDPOINT_SOCKET is not used
+            if spiffe.child("socket").value is not None:
+                spiffe.child("files").problem("use socket or files, not both")
+        else:
+            socket = spiffe.get("socket", str, socket) or socket
+    if svid_files is None and not socket:
+        spiffe.problem(f"needs socket (or set ${ENV_SPIFFE_SOCKET}) or files", "spiffe.socket")
+    elif svid_files is None and not socket.startswith(("unix:///", "unix:/")):
         spiffe.problem("must be a unix socket address: unix:///absolute/path", "spiffe.socket")
 
     servers: dict[str, AuthorizationServer] = {}
@@ -1134,6 +1184,7 @@ def _parse(root: _Node, source: Path | None, env: Mapping[str, str], base: Path)
         listen=listen,
         admin=admin,
         spiffe_socket=socket,
+        spiffe_files=svid_files,
         authorization_servers=servers,
         destinations=tuple(destinations),
         source=source,

@@ -24,6 +24,7 @@ from sidecar.credentials.broker import Credentials
 from sidecar.credentials.dpop import DpopKey, NonceStore
 from sidecar.credentials.google_sts import federate
 from sidecar.credentials.identity import WorkloadIdentity
+from sidecar.credentials.svid_files import SvidFiles
 from sidecar.credentials.token_cache import TokenCache
 from sidecar.credentials.token_client import TokenClient
 from sidecar.errors import ConfigError, Forbidden, ProxyError
@@ -119,7 +120,11 @@ class Sidecar:
         self._changed = asyncio.Condition()
         self.dpop_key = DpopKey()
         self.nonces = NonceStore()
-        self.identity = WorkloadIdentity(config.spiffe_socket, clock=wall_clock)
+        self.identity: WorkloadIdentity = (
+            SvidFiles(config.spiffe_files, clock=wall_clock)
+            if config.spiffe_files is not None
+            else WorkloadIdentity(config.spiffe_socket, clock=wall_clock)
+        )
         self.metrics = Metrics()
         self._background = Background("sidecar")
         self._reload_lock = asyncio.Lock()
@@ -329,7 +334,7 @@ class Sidecar:
     def _apply(self, snapshot: Snapshot, seen: Fingerprint = None) -> None:
         old = self.config
         new = snapshot.config
-        for key in ("listen", "admin", "spiffe_socket"):
+        for key in ("listen", "admin", "spiffe_socket", "spiffe_files"):
             if getattr(old, key) != getattr(new, key):
                 log.warning("this setting changes only on restart", extra={"setting": key})
         if {d.local_port for d in old.destinations} != {d.local_port for d in new.destinations}:

@@ -42,6 +42,7 @@ from sidecar.secret import Secret
 log = logging.getLogger("sidecar.identity")
 
 Stamp = tuple[int, int, int, int] | None  # device, inode, size, mtime_ns of what a path names
+_UNSEEN: Stamp = (-1, -1, -1, -1)
 
 
 def _stamp(path: Path) -> Stamp:
@@ -116,7 +117,8 @@ class SvidFiles(WorkloadIdentity):
     def __init__(self, files: SvidFileSet, *, clock: Callable[[], float] = time.time) -> None:
         super().__init__(f"files:{files.paths[0].parent}", clock=clock)
         self.files = files
-        self._stamps: dict[Path, Stamp] = {}
+        # Every configured file starts as unseen: the watcher's first round reads them all.
+        self._stamps: dict[Path, Stamp] = dict.fromkeys(files.paths, _UNSEEN)
         self._watching = False
 
     async def wait_until_ready(
@@ -148,6 +150,7 @@ class SvidFiles(WorkloadIdentity):
             raise IdentityUnavailable(
                 f"no JWT-SVID file is configured for audience {audience!r} (spiffe.files.jwt_svids)"
             )
+        self._start_watch()
         self._stamps[path] = await asyncio.to_thread(_stamp, path)
         try:
             svid = await asyncio.to_thread(read_jwt, path, audience, self._clock())
@@ -189,6 +192,9 @@ class SvidFiles(WorkloadIdentity):
         return [p for p in paths if p is not None]
 
     async def _watch_x509(self) -> None:
+        self._start_watch()
+
+    def _start_watch(self) -> None:
         if not self._watching:
             self._watching = True
             self._background.spawn(self._watch(), name="svid files watch")
@@ -206,9 +212,8 @@ class SvidFiles(WorkloadIdentity):
     async def _check_once(self) -> None:
         stamps = {p: await asyncio.to_thread(_stamp, p) for p in self._stamps}
         changed = {p for p, s in stamps.items() if s != self._stamps.get(p)}
-        if self.files.x509_svid is not None and (
-            changed & set(self._x509_paths()) or self.x509 is None
-        ):
+        # Only what changed is read again: a broken or stale file is reported once per change.
+        if self.files.x509_svid is not None and changed & set(self._x509_paths()):
             try:
                 await self._load_x509()
             except IdentityUnavailable as exc:

@@ -176,10 +176,12 @@ async def test_an_unusable_jwt_svid_file_is_refused(
 async def test_a_rewritten_jwt_svid_file_is_read_again(tmp_path: Path) -> None:
     domain = TrustDomain()
     path = tmp_path / "jwt.token"
-    path.write_text(domain.issue_jwt_svid(SPIFFE_ID, [AUDIENCE]))
+    original = domain.issue_jwt_svid(SPIFFE_ID, [AUDIENCE])
+    path.write_text(original)
     identity = SvidFiles(config.SvidFileSet(None, None, None, {AUDIENCE: path}, 0.02))
     try:
         first = await identity.jwt_svid(AUDIENCE)
+        assert first.token.reveal() == original
         domain.rotate_jwt_key()
         renewed = domain.issue_jwt_svid(SPIFFE_ID, [AUDIENCE], ttl=600)
         tmp = tmp_path / ".jwt.tmp"

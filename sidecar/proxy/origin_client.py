@@ -565,8 +565,13 @@ class Pool:
                 conn.close()
 
     async def close(self) -> None:
+        # Abort, not close: a graceful TLS close waits for the peer's close_notify, and a peer
+        # that keeps the connection open without answering it (Keycloak does) left the event
+        # loop unable to close at shutdown. Nothing is in flight here any more.
         for conn in list(self._all):
-            conn.close()
+            if conn.transport is not None and not conn.closed:
+                conn.reusable = False
+                conn.transport.abort()
         self._idle.clear()
 
     async def request(

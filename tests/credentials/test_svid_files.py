@@ -21,6 +21,7 @@ from sidecar.devstack.pki import TrustDomain, X509SvidMaterial
 from sidecar.devstack.stack import SAAS_HOST, SPIFFE_ID, DevStack
 from sidecar.errors import IdentityUnavailable
 from tests.conftest import AppClient, running_sidecar
+from tests.ops.test_admin import admin_get
 
 URL = f"http://{SAAS_HOST}/v1/invoices"
 AUDIENCE = "https://as.example"
@@ -220,6 +221,12 @@ async def test_the_sidecar_runs_on_svid_files_under_rotation(
         assert status == 200, body
         ready, problems = sidecar.readiness()
         assert ready, problems
+        # The admin port reports the files' SVIDs as it reports the socket's.
+        status, readyz = await admin_get(sidecar, "/readyz")
+        assert status == 200, readyz
+        _, metrics = await admin_get(sidecar, "/metrics")
+        assert 'sidecar_svid_expiry_seconds{type="x509"}' in metrics
+        assert 'sidecar_svid_expiry_seconds{type="jwt"}' in metrics
         rotated: asyncio.Queue[str] = asyncio.Queue()
         sidecar.identity.on_x509_rotation(lambda m: rotated.put_nowait(m.fingerprint))
         answers = []

@@ -36,8 +36,9 @@ $(NODE_STAMP): $(NODE_DIR)/package.json $(wildcard $(NODE_DIR)/package-lock.json
 node: $(if $(wildcard $(NODE_DIR)/package.json),$(NODE_STAMP))
 
 # Keycloak (Maven Central zip, built once with its preview `spiffe` feature); needs a JDK >= 21.
+# Outside CI a machine without Maven or a JDK 21 still runs the suite (the Keycloak cases skip).
 $(KEYCLOAK_STAMP): tests/interop/keycloak/install.sh
-	bash tests/interop/keycloak/install.sh $(INTEROP_CACHE) $(KEYCLOAK_VERSION)
+	bash tests/interop/keycloak/install.sh $(INTEROP_CACHE) $(KEYCLOAK_VERSION) || [ -z "$$CI" ]
 
 keycloak: $(KEYCLOAK_STAMP)
 

@@ -205,7 +205,7 @@ class SvidFiles(WorkloadIdentity):
             await asyncio.sleep(self.files.interval)
             try:
                 await self._check_once()
-            except Exception as exc:  # noqa: BLE001 - the watcher outlives one bad round
+            except Exception as exc:  # the watcher outlives one bad round
                 log.warning("SVID files check failed", extra={"error": type(exc).__name__})
                 self._stamps = dict.fromkeys(self._stamps, _UNSEEN)  # read all again next time
 

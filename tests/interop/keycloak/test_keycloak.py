@@ -29,6 +29,9 @@ from tests.interop.recipes import recipe
 
 JWT_SPIFFE = "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe"
 VENDOR = "https://api.vendor.example"  # the API of the config/README recipe
+# A JVM's first token requests are slow (code still being compiled): a request may wait for its
+# token longer than the default tokens.wait (3 s) without the test being about that.
+TOKENS = {"prefetch": False, "wait": 30}
 
 
 @pytest.fixture
@@ -49,6 +52,7 @@ def overrides(keycloak: Keycloak, api: DevSaasApi, **server: Any) -> dict[str, A
             **server,
         },
         "destination": {"upstream": api.base_url},
+        "tokens": TOKENS,
     }
 
 
@@ -243,7 +247,7 @@ async def test_the_keycloak_recipe_in_the_config_readme_runs(
         [route] = doc["destinations"]
         route.update(upstream=vendor.base_url, ca_file=str(stack.ca_file), allow_private=True)
         async with (
-            running_sidecar(stack, **doc) as sidecar,
+            running_sidecar(stack, **doc, tokens=TOKENS) as sidecar,
             AppClient(sidecar) as app,
         ):
             status, _, body = await app.request("GET", f"http://{route['host']}/v1/items")

@@ -996,7 +996,11 @@ def _default_token_type(servers: Mapping[str, object], as_name: str | None) -> s
     """A route's token_type defaults to its authorization server's ``dpop`` setting; the
     route's own ``token_type`` wins when it is set."""
     server = servers.get(as_name or "")
-    return "bearer" if isinstance(server, AuthorizationServer) and not server.dpop else "dpop"
+    # Other kinds of server (aws_sts, google_sts) are not about DPoP: their routes keep the
+    # default and get their own validation.
+    if isinstance(server, AuthorizationServer) and server.kind == "oauth" and not server.dpop:
+        return "bearer"
+    return "dpop"
 
 
 def _port_like(node: _Node, key: str, default: int | None, low: int, high: int) -> int | None:

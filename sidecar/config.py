@@ -30,6 +30,8 @@ ENV_ADMIN = "SIDECAR_ADMIN"
 # Where the pod CA is kept and exported (``sidecar inject`` sets them to its volumes).
 ENV_CA_DIR = "SIDECAR_CA_DIR"
 ENV_TRUST_DIR = "SIDECAR_TRUST_DIR"
+# Set by ``sidecar inject --transparent``: turns the transparent listener on at this address.
+ENV_TRANSPARENT = "SIDECAR_TRANSPARENT"
 
 ClientAuth = Literal["jwt_svid", "jwt_bearer", "mtls", "client_secret", "none"]
 Grant = Literal["client_credentials", "token_exchange", "jwt_bearer"]
@@ -193,6 +195,9 @@ class Destination:
     aws_service: str | None = None  # credential: aws_sigv4 (configured or derived from host)
     aws_region: str | None = None
     intercept: bool = False  # CONNECT host:443 -> TLS with a pod-CA leaf, requests routed here
+    # Transparent capture: a Host/SNI naming this route on a connection to an address the name
+    # does not resolve to is logged ("log") or also refused ("refuse").
+    on_address_mismatch: Literal["log", "refuse"] = "log"
 
     @property
     def has_server(self) -> bool:
@@ -228,6 +233,16 @@ class SvidFileSet:
 
 
 @dataclass(frozen=True)
+class Transparent:
+    """``transparent:``: the listener the pod's nat rules redirect outbound TCP to."""
+
+    listen: Address
+    ipv6: bool = True  # also listen on [::1]:<port> (ip6tables REDIRECT goes there)
+    unmatched: Literal["passthrough", "deny"] = "passthrough"
+    peek_timeout: float = 1.0  # seconds to wait for a first byte (server-first protocols)
+
+
+@dataclass(frozen=True)
 class Config:
     listen: Address
     admin: Address | None
@@ -255,6 +270,8 @@ class Config:
     def intercept_hosts(self) -> tuple[str, ...]:
         """The hosts of intercepting routes: the pod CA's name constraints."""
         return tuple(d.host for d in self.destinations if d.intercept)
+
+    transparent: Transparent | None = None  # None: no transparent listener
 
 
 # ---------------------------------------------------------------------------------------------
@@ -750,6 +767,7 @@ def _destination(node: _Node, servers: Mapping[str, object], base: Path) -> Dest
         "headers",
         "aws",
         "intercept",
+        "on_address_mismatch",
     }
     if not node.mapping(keys):
         return None
@@ -840,6 +858,26 @@ def _destination(node: _Node, servers: Mapping[str, object], base: Path) -> Dest
         raw_paths=bool(node.get("raw_paths", bool, False)),
         allow_cleartext=cleartext,
         intercept=intercept,
+        on_address_mismatch=node.choice("on_address_mismatch", ("log", "refuse"), "log"),  # type: ignore[arg-type]
+    )
+
+
+def _transparent(node: _Node, override: str | None) -> Transparent | None:
+    if node.value is None and override:
+        node = _Node({}, node.path, node.problems)
+    if node.value is None or not node.mapping({"listen", "ipv6", "unmatched", "peek_timeout"}):
+        return None
+    listen = _address(node, "listen", "127.0.0.1:15006", (ENV_TRANSPARENT, override))
+    if listen is not None and listen.host != "127.0.0.1":
+        # iptables REDIRECT of locally generated packets goes to 127.0.0.1 (and ::1).
+        node.child("listen").problem("must be 127.0.0.1:<port> (where REDIRECT delivers)")
+    if listen is not None and listen.port == 0:
+        node.child("listen").problem("needs a fixed port: the nat rules redirect to it")
+    return Transparent(
+        listen=listen or Address("127.0.0.1", 15006),
+        ipv6=bool(node.get("ipv6", bool, True)),
+        unmatched=node.choice("unmatched", ("passthrough", "deny"), "passthrough"),  # type: ignore[arg-type]
+        peek_timeout=_positive(node, "peek_timeout", 1.0),
     )
 
 
@@ -1067,6 +1105,7 @@ def _parse(root: _Node, source: Path | None, env: Mapping[str, str], base: Path)
             "readiness",
             "audit",
             "intercept",
+            "transparent",
         }
     ):
         raise ConfigError(problems)
@@ -1130,8 +1169,16 @@ def _parse(root: _Node, source: Path | None, env: Mapping[str, str], base: Path)
             item.child("host").problem(f"{dest.host!r} is already routed by {seen[dest.host]}")
         seen.setdefault(dest.host, item.path)
         destinations.append(dest)
+    transparent = _transparent(root.child("transparent"), env.get(ENV_TRANSPARENT))
     ports: dict[int, str] = {}
     taken = {a.port for a in (listen, admin) if a is not None and a.port}
+    if transparent is not None:
+        if transparent.listen.port in taken:
+            root.problem(
+                f"port {transparent.listen.port} is already used by listen or admin",
+                "transparent.listen",
+            )
+        taken.add(transparent.listen.port)
     for index, dest in enumerate(destinations):
         if dest.local_port is None:
             continue
@@ -1205,6 +1252,7 @@ def _parse(root: _Node, source: Path | None, env: Mapping[str, str], base: Path)
         readiness=readiness,  # type: ignore[arg-type]
         audit=audit,
         intercept=intercept,
+        transparent=transparent,
     )
 
 

@@ -229,6 +229,16 @@ def path_problem(path: str, *, raw: bool = False) -> str | None:
     return "percent-encoding nested too deeply"
 
 
+def authority_host(value: str) -> str | None:
+    """The host of a Host header's ``host[:port]`` (lower-case, IPv6 without brackets), or
+    None when it is not one."""
+    try:
+        host, _ = split_authority(value.strip(), 80)  # validated: DNS labels or an IP literal
+    except BadRequest:
+        return None
+    return host
+
+
 @dataclass(frozen=True)
 class _CompiledRule:
     rule: ScopeRule
@@ -512,6 +522,42 @@ class RoutingTable:
             )
         target = Target("https", host, port, path, query)
         return self._resolved(route, method, target, overrides)
+
+    def resolve_captured(
+        self,
+        method: str,
+        raw_target: str,
+        headers: list[tuple[str, str]],
+        host: str,
+        overrides: Sequence[tuple[str, str]] = (),
+    ) -> Resolved:
+        """A request on a transparently captured connection: origin-form, routed as
+        ``http://<Host><path>``. The connection was decided for ``host`` (its first request's
+        Host): a request naming another host on it is refused, never routed elsewhere."""
+        route = self.match(host)
+        if route is None:  # the config was reloaded while the connection stayed open
+            raise UnknownDestination(f"{host} is no longer a configured destination")
+        if not raw_target.startswith("/"):
+            raise BadRequest(
+                "a captured connection carries origin-form requests (GET /path)", route=route.name
+            )
+        if "#" in raw_target:
+            raise BadRequest("the request target must not contain a fragment", route=route.name)
+        values = [v for n, v in headers if n.lower() == "host"]
+        named = authority_host(values[0]) if len(values) == 1 else None
+        if named != host:
+            raise BadRequest(
+                f"this captured connection is for {host}; a request needs exactly one Host "
+                "header naming it",
+                route=route.name,
+            )
+        path, _, query = raw_target.partition("?")
+        _, port = split_authority(values[0].strip(), 80)
+        return self._resolved(route, method, Target("http", host, port, path, query), overrides)
+
+    def tunnel_match(self, host: str) -> Destination | None:
+        """The tunnel route for ``host``, if any."""
+        return self._tunnel_match(host)
 
     def tunnel_for(self, authority: str) -> tuple[Destination, str, int]:
         """The tunnel route for a CONNECT ``host:port``, or a 403 that says why not."""

@@ -17,7 +17,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sidecar.config import Address, AuthorizationServer, Config, Intercept, cleartext_settings
+from sidecar.config import (
+    Address,
+    AuthorizationServer,
+    Config,
+    Intercept,
+    Transparent,
+    cleartext_settings,
+)
 from sidecar.config import load as load_config
 from sidecar.credentials.aws_sts import assume_role
 from sidecar.credentials.broker import Credentials
@@ -39,6 +46,7 @@ from sidecar.proxy.intercept.ca import CAError, load_or_create
 from sidecar.proxy.intercept.server import HandshakeFailed, ServerContexts
 from sidecar.proxy.listener import AppGone, Listener, Reply, Request
 from sidecar.proxy.origin_client import UrlClient
+from sidecar.proxy.transparent.capture import Capture, Counters, Resolver, system_resolver
 from sidecar.proxy.tunnel import open_tunnel
 from sidecar.proxy.upstream import Forwarder
 from sidecar.routing import Route, RoutingTable
@@ -109,9 +117,11 @@ class Sidecar:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         reuse_port: bool = False,
+        resolver: Resolver = system_resolver,
     ) -> None:
         self._initial = config
         self._wall_clock = wall_clock  # SVID notAfter / exp and JWT exp are epoch seconds
+        self._resolver = resolver  # transparent capture: what a Host/SNI resolves to
         self._reuse_port = reuse_port  # --workers: several processes share the ports
         self._clock = clock  # token lifetimes; tests pass a manual clock
         self.grace = grace
@@ -131,6 +141,8 @@ class Sidecar:
         self.proxy_address: Address | None = None
         self.admin_address: Address | None = None
         self.local_addresses: dict[str, Address] = {}
+        self.transparent_addresses: list[Address] = []
+        self.capture: Capture | None = None
         self._watcher: tuple[ConfigWatcher, asyncio.Task[None]] | None = None
         self.stopping = False
         self._prefetching: asyncio.Task[None] | None = None
@@ -213,6 +225,8 @@ class Sidecar:
             self.local_addresses[route.name] = await self.listener.start(
                 address, reuse_port=self._reuse_port
             )
+        if config.transparent is not None:
+            await self._start_transparent(config.transparent)
         if config.watch and config.source is not None:
             watcher = ConfigWatcher(
                 config.source,
@@ -226,10 +240,44 @@ class Sidecar:
             "listening", extra={"proxy": str(self.proxy_address), "admin": str(self.admin_address)}
         )
 
+    async def _start_transparent(self, settings: Transparent) -> None:
+        metrics = self.metrics
+        self.capture = Capture(
+            self.listener,
+            lambda: self._snapshot().routing,
+            lambda: self.config.transparent or settings,
+            Counters(
+                lambda outcome: metrics.transparent_connections.labels(outcome).inc(),
+                lambda action, port: metrics.transparent_unmatched.labels(action, str(port)).inc(),
+            ),
+            resolver=self._resolver,
+        )
+        factory = self.capture.protocol
+        self.transparent_addresses.append(
+            await self.listener.start(settings.listen, reuse_port=self._reuse_port, factory=factory)
+        )
+        if settings.ipv6:
+            try:  # ip6tables REDIRECT of locally generated packets goes to ::1
+                address = Address("::1", settings.listen.port)
+                self.transparent_addresses.append(
+                    await self.listener.start(address, reuse_port=self._reuse_port, factory=factory)
+                )
+            except OSError as exc:
+                log.warning(
+                    "no IPv6 loopback: IPv6 connections are not captured",
+                    extra={"error": f"{type(exc).__name__}: {exc}"},
+                )
+
+    def _snapshot(self) -> Snapshot:
+        assert self.snapshot is not None
+        return self.snapshot
+
     async def stop(self) -> None:
         """Stop accepting, report not-ready, let in-flight requests finish within ``grace``."""
         self.stopping = True
         log.info("shutting down", extra={"grace_seconds": self.grace})
+        if self.capture is not None:
+            self.capture.close()
         await self.listener.stop(self.grace)
         await self._background.close()
         await self.forwarder.close()
@@ -334,6 +382,10 @@ class Sidecar:
     def _apply(self, snapshot: Snapshot, seen: Fingerprint = None) -> None:
         old = self.config
         new = snapshot.config
+        if (old.transparent and old.transparent.listen) != (
+            new.transparent and new.transparent.listen
+        ):
+            log.warning("this setting changes only on restart", extra={"setting": "transparent"})
         for key in ("listen", "admin", "spiffe_socket", "spiffe_files"):
             if getattr(old, key) != getattr(new, key):
                 log.warning("this setting changes only on restart", extra={"setting": key})
@@ -419,6 +471,14 @@ class Sidecar:
             elif request.local_port in routing.local_ports:
                 resolved = routing.resolve_local(
                     request.local_port, request.method, request.target, request.overrides
+                )
+            elif request.captured is not None:  # transparent capture: origin-form, by Host
+                resolved = routing.resolve_captured(
+                    request.method,
+                    request.target,
+                    request.headers,
+                    request.captured.host,
+                    request.overrides,
                 )
             elif request.method == "CONNECT":
                 intercepting = routing.intercept_for(request.target)

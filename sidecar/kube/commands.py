@@ -1,4 +1,5 @@
-"""``sidecar inject`` and ``sidecar webhook``: the command-line edges of :mod:`sidecar.kube`."""
+"""``sidecar inject``, ``sidecar webhook`` and ``sidecar iptables``: the command-line edges of
+:mod:`sidecar.kube`."""
 
 from __future__ import annotations
 
@@ -41,6 +42,10 @@ def register(sub: Any) -> None:
     _option_args(webhook)
     webhook.set_defaults(func=cmd_webhook)
 
+    from sidecar.kube.iptables import add_parser as add_iptables
+
+    add_iptables(sub)  # transparent capture's rules
+
 
 def _option_args(parser: argparse.ArgumentParser) -> None:
     defaults = DEFAULTS
@@ -56,17 +61,24 @@ def _option_args(parser: argparse.ArgumentParser) -> None:
         help="give every injected app HTTPS_PROXY and the pod CA (TLS interception; the "
         f"annotation {PREFIX}intercept sets it per workload)",
     )
+    parser.add_argument(
+        "--transparent",
+        action="store_true",
+        help="capture outbound TCP with iptables (an init container with NET_ADMIN, NET_RAW) "
+        "for apps that ignore HTTP_PROXY; per workload: the transparent annotation",
+    )
 
 
 def _options(args: argparse.Namespace) -> Options | None:
     try:
-        return DEFAULTS.with_annotations(
-            {
-                f"{PREFIX}image": args.image,
-                f"{PREFIX}config-map": args.config_map,
-                f"{PREFIX}intercept": str(bool(args.intercept)).lower(),
-            }
-        )
+        chosen = {
+            f"{PREFIX}image": args.image,
+            f"{PREFIX}config-map": args.config_map,
+            f"{PREFIX}intercept": str(bool(args.intercept)).lower(),
+        }
+        if args.transparent:
+            chosen[f"{PREFIX}transparent"] = "true"
+        return DEFAULTS.with_annotations(chosen)
     except InjectError as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return None

@@ -12,6 +12,7 @@ Per-workload annotations (on the pod template, or on the workload itself) tune t
 from __future__ import annotations
 
 import copy
+import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -41,6 +42,9 @@ TRUST_CA = f"{TRUST_DIR}/ca.pem"
 TRUST_STORE = f"{TRUST_DIR}/truststore.p12"
 JAVA_TRUST = f"-Djavax.net.ssl.trustStore={TRUST_STORE} -Djavax.net.ssl.trustStoreType=PKCS12"
 RUN_AS = 65532  # the image's numeric non-root user
+RUN_AS = 65532  # the image's numeric non-root user (the UID the capture rules exclude)
+RULES_CONTAINER = "spiffe-oauth-sidecar-iptables"  # transparent capture's init container
+XTABLES_VOLUME = "spiffe-oauth-sidecar-xtables"  # /run for iptables' lock file
 
 # Names the app must reach directly, never through the proxy: loopback and in-cluster services.
 NO_PROXY = "localhost,127.0.0.1,::1,.svc,.svc.cluster.local,.cluster.local,kubernetes.default"
@@ -56,6 +60,12 @@ ANNOTATIONS = {
     "cpu-request": "CPU request (default 50m)",
     "memory-request": "memory request (default 64Mi)",
     "memory-limit": "memory limit (default 128Mi)",
+    "transparent": '"true" to capture the pod\'s outbound TCP with iptables (an init container '
+    "with NET_ADMIN and NET_RAW), for apps that ignore HTTP_PROXY",
+    "transparent-port": "port of the transparent listener on 127.0.0.1 (default 15006)",
+    "transparent-exclude-uids": "comma-separated UIDs whose traffic is never captured "
+    "(Istio: 1337)",
+    "transparent-exclude-cidrs": "comma-separated destination networks never captured",
 }
 
 # Kind -> path to the pod template's (metadata, spec) parent; "" is the object itself (Pod).
@@ -89,6 +99,10 @@ class Options:
     cpu_request: str = "50m"
     memory_request: str = "64Mi"
     memory_limit: str = "128Mi"
+    transparent: bool = False
+    transparent_port: int = 15006
+    transparent_exclude_uids: tuple[int, ...] = ()
+    transparent_exclude_cidrs: tuple[str, ...] = ()
 
     def with_annotations(self, annotations: Mapping[str, Any]) -> Options:
         """These options, overridden by the ``spiffe-oauth-sidecar.io/*`` annotations."""
@@ -104,18 +118,20 @@ class Options:
         for key, raw in ours.items():
             value = str(raw).strip()
             where = f"annotation {PREFIX}{key}={value!r}"
-            if key in ("inject", "intercept"):
+            if key in ("inject", "intercept", "transparent"):
                 if value.lower() not in ("true", "false", "enabled", "disabled"):
                     raise InjectError(f"{where}: must be true or false")
                 changes["enabled" if key == "inject" else key] = value.lower() in (
                     "true",
                     "enabled",
                 )
+            elif key.startswith("transparent-exclude-"):
+                changes[key.replace("-", "_")] = _exclusions(key, value, where)
             elif key == "config-map":
                 if not _DNS_LABEL.match(value):
                     raise InjectError(f"{where}: must be a ConfigMap name (DNS label)")
                 changes["config_map"] = value
-            elif key in ("port", "admin-port"):
+            elif key in ("port", "admin-port", "transparent-port"):
                 if not value.isdigit() or not 1 <= int(value) <= 65535:
                     raise InjectError(f"{where}: must be a port number 1-65535")
                 changes[key.replace("-", "_")] = int(value)
@@ -132,7 +148,23 @@ class Options:
         options = replace(self, **changes)
         if options.port == options.admin_port:
             raise InjectError("the proxy port and the admin port must differ")
+        if options.transparent and options.transparent_port in (options.port, options.admin_port):
+            raise InjectError("the transparent port must differ from the proxy and admin ports")
         return options
+
+
+def _exclusions(key: str, value: str, where: str) -> tuple[Any, ...]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if key.endswith("uids"):
+        if not all(v.isdigit() for v in items):
+            raise InjectError(f"{where}: must be comma-separated numeric UIDs")
+        return tuple(int(v) for v in items)
+    for item in items:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise InjectError(f"{where}: {item!r} is not an IP network") from None
+    return tuple(items)
 
 
 DEFAULTS = Options()
@@ -225,10 +257,20 @@ def inject_pod_spec(spec: dict[str, Any], options: Options) -> None:
             f"a container named {CONTAINER} is already among the app containers; remove it "
             "(the sidecar runs as a native sidecar init container)"
         )
-    _upsert(_named_list(spec, "initContainers"), sidecar_container(options), first=True)
+    init = _named_list(spec, "initContainers")
+    _upsert(init, sidecar_container(options), first=True)
     volumes = _named_list(spec, "volumes")
     for volume in sidecar_volumes(options):
         _upsert(volumes, volume)
+    # Transparent capture: the rules go in before the sidecar and the app start (init
+    # containers run in order); turning it off again removes what it added (new pods only).
+    init[:] = [c for c in init if c.get("name") != RULES_CONTAINER]
+    volumes[:] = [v for v in volumes if v.get("name") != XTABLES_VOLUME]
+    if options.transparent:
+        init.insert(0, rules_container(options))
+        volumes.append(
+            {"name": XTABLES_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}
+        )
     for container in containers:
         env = _named_list(container, "env")
         for var in proxy_env(options):
@@ -270,6 +312,11 @@ def _sidecar_container(options: Options) -> dict[str, Any]:
             {"name": "SIDECAR_CONFIG", "value": f"{CONFIG_DIR}/sidecar.yaml"},
             {"name": "SIDECAR_LISTEN", "value": f"127.0.0.1:{options.port}"},
             {"name": "SIDECAR_ADMIN", "value": f"0.0.0.0:{options.admin_port}"},
+            *(
+                [{"name": "SIDECAR_TRANSPARENT", "value": f"127.0.0.1:{options.transparent_port}"}]
+                if options.transparent
+                else []
+            ),
         ],
         "ports": [
             {"name": "sidecar-proxy", "containerPort": options.port, "protocol": "TCP"},
@@ -298,6 +345,36 @@ def _sidecar_container(options: Options) -> dict[str, Any]:
             {"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": TMP_VOLUME, "mountPath": "/tmp"},  # noqa: S108 - a private emptyDir
         ],
+    }
+
+
+def rules_container(options: Options) -> dict[str, Any]:
+    """The init container that installs the capture rules in the pod's network namespace: the
+    sidecar image, as root with NET_ADMIN and NET_RAW only (iptables needs both), no shell."""
+    args = ["iptables", "install", "--uid", str(RUN_AS), "--port", str(options.transparent_port)]
+    for uid in options.transparent_exclude_uids:
+        args += ["--exclude-uid", str(uid)]
+    for cidr in options.transparent_exclude_cidrs:
+        args += ["--exclude-cidr", cidr]
+    return {
+        "name": RULES_CONTAINER,
+        "image": options.image,
+        "imagePullPolicy": "IfNotPresent",
+        "args": args,
+        "resources": {
+            "requests": {"cpu": "10m", "memory": "32Mi"},
+            "limits": {"memory": "64Mi"},
+        },
+        "securityContext": {
+            "runAsNonRoot": False,
+            "runAsUser": 0,
+            "runAsGroup": 0,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": [{"name": XTABLES_VOLUME, "mountPath": "/run"}],
     }
 
 

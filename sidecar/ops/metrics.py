@@ -106,6 +106,22 @@ class Metrics:
             ["route"],
             registry=r,
         )
+        self.transparent_connections = Counter(
+            "sidecar_transparent_connections",
+            "Connections captured by the transparent listener, by outcome (routed, tunnel, "
+            "passthrough, denied, malformed, needs_intercept, address_mismatch, not_redirected, "
+            "unreachable).",
+            ["outcome"],
+            registry=r,
+        )
+        # The port label is bounded by 65535 and in practice by the ports the app dials.
+        self.transparent_unmatched = Counter(
+            "sidecar_transparent_unmatched",
+            "Captured connections to destinations without a route, by action "
+            "(passthrough, deny) and destination port.",
+            ["action", "port"],
+            registry=r,
+        )
 
     def request_done(
         self, route: str, method: str, status: int, upstream_seconds: float | None

@@ -27,6 +27,10 @@ CONNECT requests are handed over raw with :meth:`Reply.take_over` (see ``tunnel.
 for an intercepting route, answered ``200`` and wrapped in TLS with :meth:`Reply.intercept`: the
 same connection then goes on as origin-form requests whose :attr:`Request.authority` is the
 CONNECT host (``intercept/``). One parser, one serving loop, one handler for both.
+
+Transparent capture (``transparent/``) hands connections over with :meth:`Listener.adopt`: the
+same protocol in a mode where :attr:`Request.captured` says where the app was going and which
+host the connection is for (its requests are origin-form); everything else is the same path.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from http import HTTPStatus
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import httptools
 
@@ -64,6 +68,15 @@ BODY_IDLE_TIMEOUT = 60.0  # seconds without a byte of a request body the data pa
 SWEEP_INTERVAL = 5.0
 
 
+class Captured(NamedTuple):
+    """A connection the pod's nat rules redirected here: where it was going (``ip``, ``port``
+    from SO_ORIGINAL_DST) and the routed host its first request named."""
+
+    ip: str
+    port: int
+    host: str
+
+
 class AppGone(ConnectionResetError):
     """The app closed its connection: nothing more can be said to it, nothing is sent for it."""
 
@@ -79,6 +92,7 @@ class Request:
         "_failed",
         "_waiter",
         "authority",
+        "captured",
         "chunked",
         "consumed",
         "content_length",
@@ -111,6 +125,7 @@ class Request:
         self.local_port = conn.port
         # (host, port) of the intercepted CONNECT this request was decrypted from, else None.
         self.authority = conn.authority
+        self.captured = conn.captured  # None unless the connection was captured transparently
         self.content_length: int | None = None
         self.chunked = False
         self._expect_continue = False
@@ -381,9 +396,10 @@ class _Refused(Exception):
 class _Connection(asyncio.Protocol):
     """One connection from the app."""
 
-    def __init__(self, listener: Listener, port: int) -> None:
+    def __init__(self, listener: Listener, port: int, captured: Captured | None = None) -> None:
         self.listener = listener
         self.port = port
+        self.captured = captured
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
@@ -711,12 +727,20 @@ class Listener:
         self._idle = asyncio.Event()  # set when nothing is in flight
         self._idle.set()
 
-    async def start(self, address: Address, *, reuse_port: bool = False) -> Address:
-        """Listen on one more address (the proxy port, or a route's ``local_port``)."""
+    async def start(
+        self,
+        address: Address,
+        *,
+        reuse_port: bool = False,
+        factory: Callable[[int], asyncio.Protocol] | None = None,
+    ) -> Address:
+        """Listen on one more address (the proxy port, or a route's ``local_port``); with
+        ``factory``, connections get ``factory(port)`` as protocol (transparent capture)."""
         loop = asyncio.get_running_loop()
         port_box: list[int] = [address.port]
+        make = factory or (lambda port: _Connection(self, port))
         server = await loop.create_server(
-            lambda: _Connection(self, port_box[0]),
+            lambda: make(port_box[0]),
             address.host,
             address.port,
             reuse_port=reuse_port or None,
@@ -727,6 +751,20 @@ class Listener:
         if self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep())
         return Address(host, port)
+
+    def adopt(
+        self, transport: asyncio.Transport, port: int, captured: Captured, first: bytes
+    ) -> None:
+        """Serve a captured connection (reading paused) from here on; ``first`` are the bytes
+        already read from it (its first request's head)."""
+        conn = _Connection(self, port, captured)
+        transport.set_protocol(conn)
+        conn.connection_made(transport)
+        if conn.closed:
+            return  # not admitted
+        conn.data_received(first)
+        if not conn.closed and not conn._pauses:
+            transport.resume_reading()
 
     def spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)

@@ -249,8 +249,10 @@ class Sidecar:
             Counters(
                 lambda outcome: metrics.transparent_connections.labels(outcome).inc(),
                 lambda action, port: metrics.transparent_unmatched.labels(action, str(port)).inc(),
+                lambda route, outcome: metrics.intercept_handshakes.labels(route, outcome).inc(),
             ),
             resolver=self._resolver,
+            intercept=lambda: self.intercept,
         )
         factory = self.capture.protocol
         self.transparent_addresses.append(

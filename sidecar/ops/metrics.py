@@ -108,9 +108,9 @@ class Metrics:
         )
         self.transparent_connections = Counter(
             "sidecar_transparent_connections",
-            "Connections captured by the transparent listener, by outcome (routed, tunnel, "
-            "passthrough, denied, malformed, needs_intercept, address_mismatch, not_redirected, "
-            "unreachable).",
+            "Connections captured by the transparent listener, by outcome (routed, intercepted, "
+            "tunnel, passthrough, denied, malformed, needs_intercept, address_mismatch, "
+            "handshake_failed, not_redirected, unreachable).",
             ["outcome"],
             registry=r,
         )

@@ -752,6 +752,11 @@ class Listener:
             self._sweeper = asyncio.create_task(self._sweep())
         return Address(host, port)
 
+    def connection(self, port: int) -> _Connection:
+        """A protocol for one more connection served here (an in-process one: see
+        ``transparent/capture.py``, intercepted TLS)."""
+        return _Connection(self, port)
+
     def adopt(
         self, transport: asyncio.Transport, port: int, captured: Captured, first: bytes
     ) -> None:

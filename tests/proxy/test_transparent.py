@@ -188,6 +188,16 @@ def test_the_decision_table() -> None:
     assert decide(routing, settings, Peek("tls", None), dst).kind == "passthrough"
     assert decide(routing, settings, Peek("other"), dst).kind == "passthrough"
     assert decide(routing, settings, Peek("malformed"), dst)[:2] == ("refuse", "malformed")
+    doc = minimal(transparent={})
+    destinations = doc["destinations"]
+    assert isinstance(destinations, list)
+    destinations[0]["intercept"] = True
+    intercepting = RoutingTable(config.parse(doc, env=ENV))
+    assert decide(intercepting, settings, Peek("tls", routed), dst)[:2] == (
+        "intercept",
+        "intercepted",
+    )
+    assert decide(intercepting, settings, Peek("tls", "10.0.0.9"), dst).outcome == "malformed"
     routing, deny = table(unmatched="deny")
     assert decide(routing, deny, Peek("other"), dst)[:2] == ("deny", "denied")
     assert decide(routing, deny, Peek("malformed"), dst).outcome == "malformed"

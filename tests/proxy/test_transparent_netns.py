@@ -79,6 +79,7 @@ async def captured(
     extra_destinations: list[dict[str, Any]] | None = None,
     ipv6: bool = False,
     peek_timeout: float = 1.0,
+    intercept: dict[str, Any] | None = None,
 ) -> AsyncIterator[tuple[DevStack, Sidecar]]:
     """The dev stack and a sidecar with a transparent listener, inside the app namespace, with
     the rules installed by `sidecar iptables` (removed again at the end)."""
@@ -101,6 +102,8 @@ async def captured(
                 destination=destination or {},
             )
             doc["destinations"] += extra_destinations or []
+            if intercept is not None:
+                doc["intercept"] = intercept
             async with Sidecar(config.parse(doc), grace=5.0, resolver=resolver) as sidecar:
                 audience = sidecar.config.authorization_servers["dev"].jwt_svid_audience
                 async with asyncio.timeout(30):  # the first SVID, before any app runs
@@ -163,6 +166,15 @@ def split_curl(out: str) -> tuple[int, str]:
     body, _, status = out.rpartition("\n")
     return int(status), body
 
+
+URLLIB_TLS = """
+import ssl, sys, urllib.request
+context = ssl.create_default_context(cafile=sys.argv[3])
+handlers = [urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)]
+opener = urllib.request.build_opener(*handlers)
+with opener.open(urllib.request.Request(sys.argv[2], method=sys.argv[1]), timeout=20) as resp:
+    print(resp.status, resp.read().decode())
+"""
 
 URLLIB = """
 import json, sys, urllib.request, urllib.error
@@ -463,3 +475,73 @@ async def test_a_server_first_protocol_passes_through_after_the_peek_timeout(
     finally:
         server.close()
         await server.wait_closed()
+
+
+@pytest.fixture
+def trust_dir() -> Iterator[Path]:
+    """Where the pod CA is exported: readable by the app's uid (as the injected volume is)."""
+    made = Path(tempfile.mkdtemp(prefix="sidecar-trust-"))
+    made.chmod(0o755)
+    try:
+        yield made
+    finally:
+        shutil.rmtree(made, ignore_errors=True)
+
+
+@pytest.mark.parametrize("client", ["curl", "urllib", "java"])
+async def test_https_with_interception_and_the_pod_ca_trusted(
+    client: str,
+    spaces: Namespaces,
+    tmp_path: Path,
+    logs: LogCapture,
+    trust_dir: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    java = request.getfixturevalue("java_classes") if client == "java" else None
+    intercept = {"ca_dir": str(tmp_path / "ca"), "export_dir": str(trust_dir)}
+    destination = {"intercept": True}
+    async with captured(spaces, tmp_path, logs, intercept=intercept, destination=destination) as (
+        stack,
+        sidecar,
+    ):
+        url = "https://api.saas.example/v1/invoices"
+        if client == "curl":
+            argv = curl(spaces, url, "--cacert", str(trust_dir / "ca.pem"))
+        elif client == "urllib":
+            argv = spaces.app_command(
+                "/usr/bin/python3", "-I", "-c", URLLIB_TLS, "GET", url, str(trust_dir / "ca.pem")
+            )
+        else:
+            assert java is not None
+            store = trust_dir / "truststore.p12"
+            argv = spaces.app_command(
+                "java", "-Duser.home=/tmp", f"-Djavax.net.ssl.trustStore={store}",
+                "-Djavax.net.ssl.trustStoreType=PKCS12", "-cp", str(java), "Plain", "GET", url,
+            )  # fmt: skip
+        code, out, err = await run(argv)
+        assert code == 0, err
+        status, answer = parse_answer(client, out)
+        assert status == 200, answer
+        payload = json.loads(answer)
+        assert payload["caller"] == stack.spiffe_id
+        assert payload["scope"] == "invoices:read"
+        seen = stack.saas.requests[-1]
+        assert seen.token_claims is not None
+        assert seen.token_claims["cnf"]["jkt"] == sidecar.dpop_key.thumbprint
+        assert count(sidecar, "sidecar_transparent_connections_total", outcome="intercepted") == 1
+        assert count(sidecar, "sidecar_intercept_handshakes_total", route="saas", outcome="ok") == 1
+
+
+async def test_captured_tls_that_does_not_trust_the_pod_ca_is_counted_and_sends_nothing(
+    spaces: Namespaces, tmp_path: Path, logs: LogCapture, trust_dir: Path
+) -> None:
+    intercept = {"ca_dir": str(tmp_path / "ca"), "export_dir": str(trust_dir)}
+    async with captured(
+        spaces, tmp_path, logs, intercept=intercept, destination={"intercept": True}
+    ) as (stack, sidecar):
+        code, _, _ = await run(curl(spaces, "https://api.saas.example/v1/invoices"))
+        assert code != 0  # curl does not trust the pod CA
+        assert stack.saas.requests == []
+        assert (
+            count(sidecar, "sidecar_transparent_connections_total", outcome="handshake_failed") == 1
+        )

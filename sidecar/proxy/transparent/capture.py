@@ -10,7 +10,9 @@ HTTP head, Host is a route           the listener serves it (:meth:`Listener.ado
                                      scopes, credentials, forwarder -- the proxy's own path
 TLS, SNI is a tunnel route           a blind relay to the route's host (dialled by name, its
                                      ``tunnel_ports`` only), never to the original IP
-TLS, SNI is a credential route       refused: needs TLS interception (#18), not yet here
+TLS, SNI is an intercepting route    TLS with the pod CA's leaf (#18), then the listener serves
+                                     its requests as for an intercepted CONNECT
+TLS, SNI is another credential route refused: set ``intercept: true`` on the route
 malformed TLS or HTTP head           refused (fail closed)
 anything else, or nothing within     ``transparent.unmatched``: ``passthrough`` (a blind relay
 ``peek_timeout`` (server-first)      to the original destination) or ``deny`` (closed)
@@ -26,12 +28,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import NamedTuple, cast
 
 from sidecar.config import Transparent
 from sidecar.errors import Forbidden, ProxyError
+from sidecar.proxy.intercept.server import HandshakeFailed, ServerContexts
 from sidecar.proxy.listener import Captured, Listener
 from sidecar.proxy.origin_client import OriginRefused, is_private
 from sidecar.proxy.transparent.original_dst import OriginalDst, original_dst
@@ -49,12 +53,14 @@ MAX_LOGGED = 4096  # destinations remembered for that (bounded)
 # Outcomes (the label of sidecar_transparent_connections_total).
 OUTCOMES = (
     "routed",
+    "intercepted",
     "tunnel",
     "passthrough",
     "denied",
     "malformed",
     "needs_intercept",
     "address_mismatch",
+    "handshake_failed",
     "not_redirected",
     "unreachable",
 )
@@ -97,6 +103,8 @@ def decide(routing: RoutingTable, settings: Transparent, seen: Peek, dst: Origin
             refuse = route.destination.on_address_mismatch == "refuse"
             if seen.kind == "http":
                 return Action("http", "routed", name, route.name, refuse)
+            if route.destination.intercept:
+                return Action("intercept", "intercepted", name, route.name, refuse)
             return Action("refuse", "needs_intercept", name, route.name)
         tunnel = routing.tunnel_match(name) if seen.kind == "tls" else None
         if tunnel is not None and dst.port in tunnel.tunnel_ports:
@@ -135,6 +143,7 @@ class Counters(NamedTuple):
 
     connection: Callable[[str], None]  # outcome
     unmatched: Callable[[str, int], None]  # action ("passthrough"/"deny"), destination port
+    handshake: Callable[[str, str], None] = lambda route, outcome: None  # intercepted TLS
 
 
 class Capture:
@@ -149,8 +158,10 @@ class Capture:
         *,
         resolver: Resolver = system_resolver,
         clock: Callable[[], float] = time.monotonic,
+        intercept: Callable[[], ServerContexts | None] = lambda: None,
     ) -> None:
         self.listener = listener
+        self._intercept = intercept  # the pod CA's leaves, when routes intercept
         self._routing = routing
         self._settings = settings
         self._counters = counters
@@ -185,13 +196,16 @@ class Capture:
         self, transport: asyncio.Transport, port: int, dst: OriginalDst, seen: Peek, first: bytes
     ) -> None:
         action = decide(self._routing(), self._settings(), seen, dst)
-        checked = action.kind in ("http", "tunnel")
+        checked = action.kind in ("http", "tunnel", "intercept")
         if checked and not await self._address_ok(action, dst):
             return self._refuse(transport, action, "address_mismatch", seen)
         if action.kind == "http":
             assert action.host is not None
             self._counters.connection("routed")
             self.listener.adopt(transport, port, Captured(dst.ip, dst.port, action.host), first)
+        elif action.kind == "intercept":
+            assert action.host is not None
+            await self._terminate_tls(transport, port, action, dst, first)
         elif action.kind == "tunnel":
             assert action.host is not None
             await self._relay(transport, action, dst, first, action.host, dst.port)
@@ -209,8 +223,8 @@ class Capture:
         else:
             if action.outcome == "needs_intercept":
                 log.warning(
-                    "captured TLS to a credential route refused: TLS interception is not "
-                    "available for transparent capture yet; call the API over plain http://",
+                    "captured TLS to a credential route refused: set 'intercept: true' on the "
+                    "route (and trust the pod CA in the app), or call it over plain http://",
                     extra={"route": action.route, "host": action.host},
                 )
             self._refuse(transport, action, action.outcome, seen)
@@ -285,6 +299,69 @@ class Capture:
                 "bytes_down": down,
             },
         )
+
+    async def _terminate_tls(
+        self,
+        transport: asyncio.Transport,
+        port: int,
+        action: Action,
+        dst: OriginalDst,
+        first: bytes,
+    ) -> None:
+        """TLS with the pod CA for an intercepting route (the step #18 uses after CONNECT).
+
+        The ClientHello was read to choose; the handshake needs it again. The app's connection
+        is therefore relayed (ClientHello first) into one end of an in-process socket pair
+        whose other end the listener serves: TLS there, then origin-form requests for
+        ``host:port``, routed as an intercepted CONNECT's are. One hop more, no private API."""
+        assert action.host is not None
+        assert action.route is not None
+        contexts = self._intercept()
+        if contexts is None or not contexts.ca.covers(action.host):
+            log.warning(
+                "captured TLS to an intercepting route the pod CA does not cover (restart)",
+                extra={"route": action.route, "host": action.host},
+            )
+            return self._refuse(transport, action, "needs_intercept", Peek("tls"))
+        ours, theirs = socket.socketpair()
+        loop = asyncio.get_running_loop()
+        try:
+            _, conn = await loop.connect_accepted_socket(
+                lambda: self.listener.connection(port), sock=theirs
+            )
+        except OSError:
+            ours.close()
+            theirs.close()
+            return self._refuse(transport, action, "unreachable", Peek("tls"))
+        # Paused before anything is written to the pair: the ClientHello waits in the socket
+        # for the TLS layer, the listener's parser never sees it.
+        conn.pause_reading("connect")
+        handshake = asyncio.ensure_future(conn.start_tls(action.host, dst.port, contexts))
+        pipe = Pipe(transport)
+        await pipe.attach(ours, first)
+        self.pipes.add(pipe)
+        relay = asyncio.ensure_future(pipe.run())  # the handshake's later flights go through it
+        try:
+            try:
+                await handshake
+            except HandshakeFailed as failed:
+                self._counters.handshake(action.route, failed.reason)
+                self._counters.connection("handshake_failed")
+                log.warning(
+                    "TLS handshake with a captured app failed; nothing was forwarded",
+                    extra={"route": action.route, "reason": failed.reason, "detail": failed.detail},
+                )
+                pipe.close()
+                await relay
+                return None
+            self._counters.handshake(action.route, "ok")
+            self._counters.connection("intercepted")
+            await relay
+        finally:
+            self.pipes.discard(pipe)
+            handshake.cancel()
+            relay.cancel()
+        return None
 
     async def _tunnel_address(self, host: str, allow_private: bool) -> str:
         """A tunnel route dials its own name, never the original IP; loopback and link-local

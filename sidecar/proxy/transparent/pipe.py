@@ -6,6 +6,7 @@ half-close passed on, and closing either side closes the other.
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import cast
 
 
@@ -81,6 +82,15 @@ class Pipe:
         self.app.received += len(first)
         if first:
             self.upstream.transport.write(first)
+
+    async def attach(self, sock: socket.socket, first: bytes) -> None:
+        """Use a connected ``sock`` as the upstream side (the in-process pair of intercepted
+        TLS) and send ``first``."""
+        loop = asyncio.get_running_loop()
+        await loop.create_connection(lambda: self.upstream, sock=sock)
+        assert self.upstream.transport is not None
+        self.app.received += len(first)
+        self.upstream.transport.write(first)
 
     async def run(self) -> tuple[int, int]:
         """Relay until both sides are closed; bytes (app -> upstream, upstream -> app)."""

@@ -46,6 +46,8 @@ CUSTOM_KINDS = {
     ("spire.spiffe.io/v1alpha1", "ClusterSPIFFEID"): ("spiffeIDTemplate", "podSelector"),
     ("cert-manager.io/v1", "Certificate"): ("secretName", "dnsNames", "issuerRef"),
     ("cert-manager.io/v1", "Issuer"): ("selfSigned",),
+    # The Prometheus Operator's CRD; promtool checks the rules themselves (test_prometheusrule).
+    ("monitoring.coreos.com/v1", "PrometheusRule"): ("groups",),
 }
 
 

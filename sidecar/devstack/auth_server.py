@@ -59,6 +59,7 @@ class TokenRequestRecord:
     error: str | None = None
     params: dict[str, str] = field(default_factory=dict)  # non-secret form fields
     client_cert_sha256: str | None = None  # the TLS client certificate presented, if any
+    at: float = field(default_factory=time.monotonic)  # when it arrived (AS load per interval)
 
 
 class OAuthError(Exception):
@@ -114,6 +115,9 @@ class DevAuthServer:
         self.metadata_requests: list[str] = []  # well-known paths asked for, in order
         self.rfc8414 = True  # False: serve only the OIDC discovery document, as some IdPs do
         self.metadata_issuer: str | None = None  # set: publish a wrong issuer (mix-up tests)
+        # set: the issuer as clients reach it through a proxy in front (the chaos suite's fault
+        # proxy); DPoP htu and JWT-SVID audiences are then checked against this address.
+        self.public_issuer: str | None = None
         self._answered = asyncio.Condition()
         self._failures: list[tuple[int, str, str | None]] = []
         self._down = False
@@ -140,6 +144,8 @@ class DevAuthServer:
 
     @property
     def issuer(self) -> str:
+        if self.public_issuer is not None:
+            return self.public_issuer
         host = f"[{self._host}]" if ":" in self._host else self._host
         return f"https://{host}:{self.port}"
 

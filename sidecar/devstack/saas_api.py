@@ -81,6 +81,9 @@ class DevSaasApi:
         self.reject_all_tokens = False
         self.started: asyncio.Queue[str] = asyncio.Queue()  # raw paths, as requests arrive
         self.port = 0
+        # set: the origin as the sidecar reaches it through a proxy in front (the chaos suite's
+        # fault proxy); DPoP htu is then checked against this address.
+        self.public_base_url: str | None = None
         self._hang = asyncio.Event()
         self.release = asyncio.Event()  # /wait answers once set: a stall the test ends
         self._runner: web.ServerRunner | None = None
@@ -102,6 +105,8 @@ class DevSaasApi:
 
     @property
     def base_url(self) -> str:
+        if self.public_base_url is not None:
+            return self.public_base_url
         host = f"[{self._host}]" if ":" in self._host else self._host
         return f"https://{host}:{self.port}"
 

@@ -103,6 +103,7 @@ async def dev_stack(
     spiffe_id: str = SPIFFE_ID,
     auth_server: Mapping[str, Any] | None = None,
     saas: Mapping[str, Any] | None = None,
+    workload_api: Mapping[str, Any] | None = None,
 ) -> AsyncIterator[DevStack]:
     """Start the dev stack; everything is stopped and the socket removed on exit."""
     # Unix socket paths are limited to ~107 bytes: keep the socket in a short private directory.
@@ -111,8 +112,10 @@ async def dev_stack(
     ca = DevCA()
     ca_file = ca.write_ca(workdir / "dev-ca.pem")
     trust_domain = TrustDomain("example.org")
-    workload_api = DevWorkloadApi(trust_domain, spiffe_id, socket_dir / "agent.sock")
-    workload_api.start()
+    wlapi = DevWorkloadApi(
+        trust_domain, spiffe_id, socket_dir / "agent.sock", **dict(workload_api or {})
+    )
+    wlapi.start()
     try:
         tls = ca.issue_server("localhost", "127.0.0.1", "::1")
         # The AS accepts (does not require) X.509-SVIDs as client certificates: RFC 8705.
@@ -130,9 +133,7 @@ async def dev_stack(
                 ssl_context=tls.server_context(),
                 **saas_options,
             ) as saas_api:
-                yield DevStack(
-                    workdir, ca, ca_file, trust_domain, workload_api, as_server, saas_api
-                )
+                yield DevStack(workdir, ca, ca_file, trust_domain, wlapi, as_server, saas_api)
     finally:
-        workload_api.stop()
+        wlapi.stop()
         shutil.rmtree(socket_dir, ignore_errors=True)

@@ -10,6 +10,7 @@ The tests drive it: ``rotate_x509`` pushes a new X.509-SVID to every open stream
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -32,14 +33,16 @@ class DevWorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
         socket_path: Path,
         *,
         jwt_ttl: float = 300.0,
+        x509_ttl: float = 3600.0,
     ) -> None:
         self.trust_domain = trust_domain
         self.spiffe_id = spiffe_id
         self.socket_path = Path(socket_path)
         self.jwt_ttl = jwt_ttl
+        self.x509_ttl = dt.timedelta(seconds=x509_ttl)  # short: SVIDs that expire during a test
         self.jwt_svids_issued: list[str] = []
         self.jwt_svid_requests: list[tuple[str, ...]] = []  # audiences asked, in order
-        self._x509 = trust_domain.issue_x509_svid(spiffe_id)
+        self._x509 = trust_domain.issue_x509_svid(spiffe_id, self.x509_ttl)
         self._available = True
         self.refused = 0  # calls turned away while unavailable
         self._changed = threading.Condition()
@@ -73,7 +76,7 @@ class DevWorkloadApi(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
 
     def rotate_x509(self) -> X509SvidMaterial:
         with self._changed:
-            self._x509 = self.trust_domain.issue_x509_svid(self.spiffe_id)
+            self._x509 = self.trust_domain.issue_x509_svid(self.spiffe_id, self.x509_ttl)
             self._version += 1
             self._changed.notify_all()
         return self._x509

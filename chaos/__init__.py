@@ -1,0 +1,1 @@
+"""The reliability suite: ``make chaos`` (``python -m chaos``). See docs/reliability.md."""

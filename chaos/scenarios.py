@@ -498,7 +498,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         stack={"token_ttl": 4},
         config=_config(**_SHORT_AS),
     ),
-    Scenario("upstream_stall", "Upstream accepts and never answers", "stall 8 s", upstream_stall),
+    Scenario("upstream_stall", "Upstream accepts and never answers", "stall 12 s", upstream_stall),
     Scenario(
         "upstream_trickle",
         "Upstream answers one byte per 0.5 s",

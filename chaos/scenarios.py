@@ -60,8 +60,7 @@ class Scenario:
     workers: int = 1
     nofile: int | None = None
     rate: float = 100.0
-    warm: bool = True
-    config_path: Callable[[Environment, dict[str, Any]], Path] | None = None
+    config_map: bool = False  # the config is a kubelet-style ConfigMap tree (reload churn)
 
 
 def _times(scale: float, before: float, during: float, after: float) -> Timeline:
@@ -347,7 +346,7 @@ async def reload_churn(run: Run, scale: float) -> None:
 
 async def sigterm_drain(run: Run, scale: float) -> None:
     sidecar = run.sidecar
-    await run.env.upstream.set(Fault.DELAY, delay=0.5)  # requests are in flight at the signal
+    await run.env.upstream.set(Fault.DELAY, delay=0.3)  # requests are in flight at the signal
     load = asyncio.ensure_future(run.load.run(10.0))
     await asyncio.sleep(3.0 * scale)
     signalled = time.monotonic()
@@ -467,6 +466,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         "ConfigMap swaps and invalid configs under load",
         "reload x 60",
         reload_churn,
+        config_map=True,
     ),
     Scenario(
         "svid_expiry",
@@ -516,7 +516,13 @@ SCENARIOS: tuple[Scenario, ...] = (
         upstream_trickle,
     ),
     Scenario("upstream_reset", "Upstream resets every connection", "RST 6 s", upstream_reset),
-    Scenario("sigterm_drain", "SIGTERM under load (upstream 0.5 s slow)", "SIGTERM", sigterm_drain),
+    Scenario(
+        "sigterm_drain",
+        "SIGTERM under load (upstream 0.3 s slow)",
+        "SIGTERM",
+        sigterm_drain,
+        rate=20.0,  # below the slow upstream's capacity (16 connections / 0.3 s): no queue
+    ),
     Scenario(
         "worker_crash", "--workers 2, one worker SIGKILLed", "SIGKILL", worker_crash, workers=2
     ),
@@ -541,7 +547,7 @@ async def run_scenario(scenario: Scenario, work: Path, *, scale: float = 1.0) ->
             config_path = None
             docs: list[dict[str, Any]] = []
             config_map = None
-            if scenario.name == "reload_churn":
+            if scenario.config_map:
                 docs = _reload_docs(env)
                 doc = docs[0]
                 config_map = ConfigMap(directory / "configmap")
@@ -552,8 +558,8 @@ async def run_scenario(scenario: Scenario, work: Path, *, scale: float = 1.0) ->
                 config_path=config_path,
             )  # fmt: skip
             async with sidecar:
-                if scenario.warm:
-                    await LoadGenerator(*sidecar.listen, rate=scenario.rate).run(1.0)
+                # Warm-up: pools and caches filled before the baseline is read.
+                await LoadGenerator(*sidecar.listen, rate=scenario.rate).run(1.0)
                 run = Run(env, sidecar, result, scenario.rate)
                 run.max_connections = int(doc["destinations"][0]["max_connections"])
                 run.reload_docs, run.config_map = docs, config_map

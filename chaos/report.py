@@ -28,6 +28,30 @@ dropped), `garbage` (random bytes). It writes this file and exits non-zero when 
 bound, unless the scenario is listed as known failing (below). `python -m chaos --only NAME`
 runs one scenario; `--scale 0.3` shortens faults and load (the smoke test in `make test` does).
 
+The dev stack, the fault proxies and the load generator share one process (uvloop); the sidecar
+runs alone in its own (`--workers 2` in one scenario), with `log.level: warning`, tokens
+prefetched, `max_connections: 16`, `connect_timeout` 1 s, `read_timeout` 2 s, `total_timeout`
+4 s and an AS `timeout` of 2 s unless a scenario says otherwise. Every scenario starts a fresh
+stack and sidecar, warms it with one second of load, then reads the baseline.
+
+| scenario | fault | what it proves (issue #16) |
+|---|---|---|
+| `steady` | none | the harness itself: all 200, no token request, flat fds and RSS |
+| `x509_rotation` | 10 X.509-SVID rotations 1 s apart, mTLS client auth | rotation under load loses nothing; one token per certificate |
+| `jwt_rotation` | 6 JWT signing-key rotations, 4 s JWT-SVIDs, 3 s tokens | renewals with a new key lose nothing |
+| `reload_churn` | 60 ConfigMap `..data` swaps (3 invalid) with a route on system CAs | #16.2: reloads do not fail requests, leak fds or grow memory with their number |
+| `svid_expiry` | Workload API socket gone 12 s; X.509-SVIDs live 6 s | #16.3: no token request authenticated with an expired SVID; only documented 503s |
+| `as_refused` | AS refuses connections 20 s | #16.5: recovery within 3 AS timeouts of the AS's return, not after the backoff |
+| `as_slow` | AS answers 2 s late; tokens live 4 s | #16.4: no expired token reaches the API |
+| `as_hung` | AS accepts and never answers 12 s (timeout 10 s) | #16.6: no request waits more than half the AS timeout (`tokens.wait` must be shorter) |
+| `as_garbage` | AS answers random bytes 8 s | fails closed with 503, recovers |
+| `upstream_stall` | upstream never answers 12 s; the app gives up after 8 s | #16.1: every answer within 1.25 x `total_timeout` (slot wait included), nothing abandoned is sent, recovery within one `total_timeout` |
+| `upstream_trickle` | upstream answers a byte per 0.5 s | `total_timeout` ends it with 504 |
+| `upstream_reset` | every upstream connection RST | 502 `upstream_unavailable`, recovery within 3 `connect_timeout` |
+| `sigterm_drain` | SIGTERM with requests in flight (upstream 0.3 s slow) | every request sent before the signal answered 200; exit 0 within `--grace` |
+| `worker_crash` | `--workers 2`, one SIGKILLed | #16.7: the supervisor exits 137 |
+| `fd_exhaustion` | RLIMIT_NOFILE 128 and more idle app connections than that | #16.8: `/healthz` answers, EMFILE logged once with the limit, recovery |
+
 ## What each figure means
 
 | figure | meaning |

@@ -7,6 +7,7 @@ units), never the machine's speed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable
@@ -44,6 +45,7 @@ class Result:
     sent: int = 0
     kinds: Counter[str] = field(default_factory=Counter)
     during: Counter[str] = field(default_factory=Counter)
+    readiness: Counter[str] = field(default_factory=Counter)  # /readyz statuses during the fault
     recovery_first: float | None = None
     recovery_all: float | None = None
     recovery_bound: float | None = None
@@ -145,6 +147,8 @@ class Run:
         rotation loop), ``during``, ``end()``, then ``after``. Bounded: the load gives up at
         :data:`LOAD_LIMIT` seconds whatever the scenario does."""
         load = asyncio.ensure_future(self.load.run(LOAD_LIMIT))
+        faulted = asyncio.Event()
+        probe = asyncio.ensure_future(self._probe_readiness(faulted))
         try:
             await asyncio.sleep(times.before)
             self.fault_start = time.monotonic()
@@ -152,11 +156,24 @@ class Run:
             await asyncio.sleep(times.during)
             await end()
             self.fault_end = time.monotonic()
+            faulted.set()
             await asyncio.sleep(times.after)
             self.load.stop()
             return await load
         finally:
+            faulted.set()
             load.cancel()
+            await probe
+
+    async def _probe_readiness(self, over: asyncio.Event) -> None:
+        """What /readyz said while the fault was on, twice a second (informational: the status
+        policy, `readiness: startup` or `strict`, decides whether a fault flips it)."""
+        while not over.is_set():
+            if self.fault_start:
+                status, _ = await self.sidecar.get("/readyz", timeout=1.0)
+                self.result.readiness[str(status or "no answer")] += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(over.wait(), 0.5)
 
     def token_records(self) -> list[TokenRequestRecord]:
         return self.env.stack.auth_server.token_requests[self.token_index :]

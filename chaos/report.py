@@ -59,6 +59,7 @@ stack and sidecar, warms it with one second of load, then reads the baseline.
 | sent | requests written to the sidecar (not counting ones whose connection could not open) |
 | answers | every request's end: `200`, `<status> <error code>` from the sidecar's JSON body, `closed` (connection ended without an answer: lost), `timeout` (no answer in 15 s: lost), `refused` (could not connect: not sent) |
 | during | the answers to requests sent while the fault was on |
+| /readyz | what the admin port's readiness said during the fault, polled twice a second (reported, not bounded: the status policy decides) |
 | recovery | seconds from the fault's end to the first success (first) and to the point after which every request succeeded (all) |
 | token requests | what the dev AS saw: total, distinct keys (client, scopes, resource, DPoP key, client certificate), and the most one key asked in any {window:g} s |
 | RSS | VmRSS of the sidecar after warm-up, after the scenario, and its peak (VmHWM) |
@@ -113,6 +114,8 @@ def scenario_table(result: Result) -> str:
         ("answers", _counts(result.kinds)),
         ("during the fault", _counts(result.during)),
     ]
+    if result.readiness:
+        rows.append(("/readyz during the fault", _counts(result.readiness)))
     if result.recovery_bound is not None:
         rows.append(
             (

@@ -62,6 +62,8 @@ def test_the_documented_alerts_are_shipped_on_documented_metrics() -> None:
         "sidecar_token_expiry_seconds",
         "sidecar_svid_expiry_seconds",
         "sidecar_config_reloads_total",
+        "sidecar_route_ready",
+        "sidecar_workload_api_events_total",
     ):
         assert metric in used, metric
     for rule in rules():

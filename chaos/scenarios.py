@@ -38,12 +38,13 @@ from chaos.measure import (
 # Scenario -> the issue #16 defect that makes it fail on main today. One list; flip by deleting.
 EXPECTED_FAILURES: dict[str, str] = {
     # With a route on system CAs, 60 reloads at 100 req/s still grow RSS ~0.7 MB per reload and
-    # leave fds behind, and requests get 504 while contexts are rebuilt (seen after 2c4e299).
+    # at times leave fds behind and answer 504 while contexts are rebuilt (seen after 2c4e299).
     "reload_churn": "16.2",
-    "svid_expiry": "16.3",  # the expired X.509-SVID is still used
-    "as_slow": "16.4",  # token lifetime counted from the answer: an expired token is sent
-    "as_refused": "16.5",  # recovery waits out the failure backoff (1 s, 2 s, 4 s, 8 s, ...)
-    "as_hung": "16.6",  # requests park for the whole AS timeout
+    # The expired SVID is no longer presented (fixed in de45196), but once the agent is back the
+    # X.509 stream reconnects on its backoff (0.5 s doubling, to 30 s): ~8 s +-20 % after a 12 s
+    # outage, at times beyond 3 AS timeouts. A short schedule while the SVID is unusable (as
+    # #16.5 does for tokens) would keep it within.
+    "svid_expiry": "16.3",
 }
 
 # -- scenarios ------------------------------------------------------------------------------------
@@ -156,7 +157,7 @@ async def svid_expiry(run: Run, scale: float) -> None:
     task = asyncio.ensure_future(rotator())
     try:
         await _proxy_fault(
-            run, run.env.workload, Fault.REFUSE, _times(1, 2, 12, 0),
+            run, run.env.workload, Fault.REFUSE, _times(1, 2, 12, 12),
             ("503 identity_unavailable", "503 token_unavailable"),
             2.0, "the AS timeout",
         )  # fmt: skip

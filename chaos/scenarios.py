@@ -37,9 +37,6 @@ from chaos.measure import (
 
 # Scenario -> the issue #16 defect that makes it fail on main today. One list; flip by deleting.
 EXPECTED_FAILURES: dict[str, str] = {
-    # With a route on system CAs, 60 reloads at 100 req/s still grow RSS ~0.7 MB per reload and
-    # at times leave fds behind and answer 504 while contexts are rebuilt (seen after 2c4e299).
-    "reload_churn": "16.2",
     # The expired SVID is no longer presented (fixed in de45196), but once the agent is back the
     # X.509 stream reconnects on its backoff (0.5 s doubling, to 30 s): ~8 s +-20 % after a 12 s
     # outage, at times beyond 3 AS timeouts. A short schedule while the SVID is unusable (as

@@ -80,11 +80,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     _raise_nofile()
     work = args.work or Path(tempfile.mkdtemp(prefix="chaos-"))
     started = time.monotonic()
+    results: list[Result] = []
     try:
         results = uvloop.run(run_all(args.only, args.scale, work))
     finally:
-        if args.work is None:
+        if args.work is None and not any(not r.passed for r in results):
             shutil.rmtree(work, ignore_errors=True)
+        elif results:
+            print(f"chaos: configs and sidecar logs kept in {work}")
     meta = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),

@@ -37,11 +37,19 @@ from chaos.measure import (
 
 # Scenario -> the issue #16 defect that makes it fail on main today. One list; flip by deleting.
 EXPECTED_FAILURES: dict[str, str] = {
+    # Fails some runs on main: RSS still grows over the last 30 of 60 swaps (+0.1 to +2.3 MB
+    # across runs, about 75 KB a reload when many requests are in flight), as #16.2 describes
+    # for a small CA file; fds and errors stay clean since 2c4e299.
+    "reload_churn": "16.2",
     # The expired SVID is no longer presented (fixed in de45196), but once the agent is back the
     # X.509 stream reconnects on its backoff (0.5 s doubling, to 30 s): ~8 s +-20 % after a 12 s
     # outage, at times beyond 3 AS timeouts. A short schedule while the SVID is unusable (as
     # #16.5 does for tokens) would keep it within.
     "svid_expiry": "16.3",
+    # Fails some runs on main: 1 of 5 runs answered one request 500 internal_error while the AS
+    # hung (every other answer a 503 token_unavailable within tokens.wait); not reproduced in 3
+    # reruns. The run keeps the sidecar's log when a scenario fails.
+    "as_hung": "16.6",
 }
 
 # -- scenarios ------------------------------------------------------------------------------------

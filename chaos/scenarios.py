@@ -46,9 +46,9 @@ EXPECTED_FAILURES: dict[str, str] = {
     # outage, at times beyond 3 AS timeouts. A short schedule while the SVID is unusable (as
     # #16.5 does for tokens) would keep it within.
     "svid_expiry": "16.3",
-    # Fails some runs on main: 1 of 5 runs answered one request 500 internal_error while the AS
-    # hung (every other answer a 503 token_unavailable within tokens.wait); not reproduced in 3
-    # reruns. The run keeps the sidecar's log when a scenario fails.
+    # Fails some runs on main: a request whose tokens.wait (3 s) ends as the token request hits
+    # the AS timeout gets the raw TimeoutError: 500 internal_error ("internal error",
+    # error=TimeoutError, latency 3006 ms) instead of 503 token_unavailable. 2 of 7 runs.
     "as_hung": "16.6",
 }
 

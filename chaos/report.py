@@ -39,7 +39,7 @@ stack and sidecar, warms it with one second of load, then reads the baseline.
 | `steady` | none | the harness itself: all 200, no token request, flat fds and RSS |
 | `x509_rotation` | 10 X.509-SVID rotations 1 s apart, mTLS client auth | rotation under load loses nothing; one token per certificate |
 | `jwt_rotation` | 6 JWT signing-key rotations, 4 s JWT-SVIDs, 3 s tokens | renewals with a new key lose nothing |
-| `reload_churn` | 60 ConfigMap `..data` swaps (3 invalid) with a route on system CAs | #16.2: reloads do not fail requests, leak fds or grow memory with their number |
+| `reload_churn` | 40 ConfigMap `..data` swaps (3 invalid) with a route on system CAs | #16.2: reloads do not fail requests, leak fds or grow memory with their number |
 | `svid_expiry` | Workload API socket gone 12 s; X.509-SVIDs live 6 s | #16.3: no token request authenticated with an expired SVID; only documented 503s |
 | `as_refused` | AS refuses connections 20 s | #16.5: recovery within 3 AS timeouts of the AS's return, not after the backoff |
 | `as_slow` | AS answers 2 s late; tokens live 4 s | #16.4: no expired token reaches the API |

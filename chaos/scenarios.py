@@ -37,9 +37,10 @@ from chaos.measure import (
 
 # Scenario -> the issue #16 defect that makes it fail on main today. One list; flip by deleting.
 EXPECTED_FAILURES: dict[str, str] = {
-    # Fails some runs on main: RSS still grows over the last 30 of 60 swaps (+0.1 to +2.3 MB
-    # across runs, about 75 KB a reload when many requests are in flight), as #16.2 describes
-    # for a small CA file; fds and errors stay clean since 2c4e299.
+    # Fails most runs on main, worse on a loaded machine: RSS still grows with the number of
+    # reloads (last half of the swaps: +0.1 to +32 MB across runs), fds stay behind (27 -> 38),
+    # and in one run 3,433 requests got 504 "connecting to the origin took too long" while the
+    # swaps went on (a route on system CAs; none without it).
     "reload_churn": "16.2",
     # The expired SVID is no longer presented (fixed in de45196), but once the agent is back the
     # X.509 stream reconnects on its backoff (0.5 s doubling, to 30 s): ~8 s +-20 % after a 12 s
@@ -301,7 +302,7 @@ def _reload_docs(env: Environment) -> list[dict[str, Any]]:
 
 
 async def reload_churn(run: Run, scale: float) -> None:
-    swaps = max(4, int(60 * scale))
+    swaps = max(4, int(40 * scale))
     invalid_every = swaps // 3
     docs, cm = run.reload_docs, run.config_map
     assert cm is not None
@@ -470,7 +471,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         "reload_churn",
         "ConfigMap swaps and invalid configs under load",
-        "reload x 60",
+        "reload x 40",
         reload_churn,
         config_map=True,
     ),

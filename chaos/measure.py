@@ -71,7 +71,11 @@ class Result:
     def status(self) -> str:
         known = self.known
         if self.passed:
-            return f"passed (listed as #{known}: flip it)" if known else "passed"
+            return (
+                f"passed this run (listed as #{known}: flip once it keeps passing)"
+                if known
+                else "passed"
+            )
         return f"known failing (#{known})" if known else "FAILED"
 
     @property

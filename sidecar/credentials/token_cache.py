@@ -148,8 +148,10 @@ class TokenCache:
         try:
             return await asyncio.wait_for(asyncio.shield(flight), self.wait), False
         except TimeoutError:
-            if flight.done():
-                raise
+            if flight.done() and not flight.cancelled():
+                # The fetch ended as the wait did: its outcome (a token, or its own error),
+                # never the wait's bare TimeoutError (the app would get a 500).
+                return flight.result(), False
             raise TokenUnavailable(
                 f"no token within tokens.wait ({self.wait:g} s): the authorization server is "
                 "slow; the token request goes on",

@@ -343,3 +343,25 @@ async def test_identity_errors_carry_retry_after(background: Background) -> None
         await cache.get(KEY, source)
     assert again.value.retry_after is not None
     assert again.value.status == 503
+
+
+@pytest.mark.parametrize("outcome", ["token", "rejected"])
+async def test_a_fetch_that_ends_as_tokens_wait_ends_gives_its_own_outcome(
+    background: Background, outcome: str
+) -> None:
+    """The wait and the fetch ending at once (chaos: as_hung) must give the fetch's outcome
+    (a token, or its documented error), never the wait's raw TimeoutError (a 500). With
+    ``wait=0`` the fetch, which finishes without suspending, ends while the wait is cancelled:
+    the race, deterministically."""
+    clock = Clock()
+    source = FakeAS(clock)
+    if outcome == "rejected":
+        source.fail = TokenRejected("the AS said no", route="r")
+    cache = TokenCache(background, clock=clock, rand=lambda: 0.5, wait=0)
+    if outcome == "token":
+        token, hit = await cache.lookup(KEY, source)
+        assert (token.value, hit) == (Secret("t1"), False)
+    else:
+        with pytest.raises(TokenRejected):
+            await cache.lookup(KEY, source)
+    assert source.calls == 1

@@ -36,6 +36,16 @@ log = logging.getLogger("sidecar.identity")
 
 State = Literal["starting", "waiting", "ready", "unavailable", "expired"]
 RETRY_AFTER = 2  # seconds, on 503 identity_unavailable: the agent usually answers again soon
+REWATCH_MAX = 30.0  # X.509 stream reconnects while a usable SVID is held
+REWATCH_SHORT_MAX = 2.0  # ... and while none is (expired or never had): recover fast
+
+
+def rewatch_delay(previous: float, *, holding_usable: bool) -> float:
+    """The next wait before reconnecting the X.509 stream: doubling, capped. A reconnect to the
+    agent's local socket is cheap, so while no usable X.509-SVID is held the cap is short (as
+    token fetches do without a usable token): the route recovers within seconds of the agent's
+    return, not after a 30 s backoff."""
+    return min(previous * 2, REWATCH_MAX if holding_usable else REWATCH_SHORT_MAX)
 
 
 @dataclass(frozen=True)
@@ -370,7 +380,9 @@ class WorkloadIdentity:
                 extra={"socket": self.address, "error": type(exc).__name__},
             )
         else:  # a reconnect that failed: back off (bounded), no new warning
-            self._rewatch_delay = min(self._rewatch_delay * 2, 30.0)
+            self._rewatch_delay = rewatch_delay(
+                self._rewatch_delay, holding_usable=self.x509 is not None
+            )
             log.debug("Workload API reconnect failed", extra={"error": type(exc).__name__})
         self._stream_delivered = False
         self._x509_watch = None
@@ -384,7 +396,7 @@ class WorkloadIdentity:
             try:
                 await self._watch_x509()
             except IdentityUnavailable:
-                self._rewatch_delay = min(delay * 2, 30.0)
+                self._rewatch_delay = rewatch_delay(delay, holding_usable=self.x509 is not None)
 
     # -- JWT-SVIDs -----------------------------------------------------------------------------
 

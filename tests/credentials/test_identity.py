@@ -11,7 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.credentials.identity import WorkloadIdentity
+from sidecar.credentials.identity import (
+    REWATCH_MAX,
+    REWATCH_SHORT_MAX,
+    WorkloadIdentity,
+    rewatch_delay,
+)
 from sidecar.devstack.pki import TrustDomain
 from sidecar.devstack.workload_api import DevWorkloadApi
 from sidecar.errors import IdentityUnavailable
@@ -204,3 +209,19 @@ async def test_an_expired_jwt_svid_is_never_presented(agent: DevWorkloadApi) -> 
         assert identity.problem(need_x509=False) is not None
     finally:
         await identity.close()
+
+
+def test_stream_reconnects_back_off_briefly_while_no_usable_svid_is_held() -> None:
+    """Without a usable X.509-SVID (expired during an agent outage) reconnects stay within a
+    couple of seconds, so the sidecar recovers soon after the agent returns (chaos:
+    svid_expiry); while one is held they back off to 30 s."""
+    delay = 0.5
+    for _ in range(20):
+        delay = rewatch_delay(delay, holding_usable=False)
+        assert delay <= REWATCH_SHORT_MAX
+    assert delay == REWATCH_SHORT_MAX
+    held = 0.5
+    for _ in range(20):
+        held = rewatch_delay(held, holding_usable=True)
+    assert held == REWATCH_MAX
+    assert rewatch_delay(REWATCH_MAX, holding_usable=False) == REWATCH_SHORT_MAX

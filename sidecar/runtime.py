@@ -71,14 +71,15 @@ def _warn_cleartext(config: Config) -> None:
         )
 
 
-def build_snapshot(config: Config) -> Snapshot:
-    """Everything derived from one config. Reads CA files: call it off the event loop."""
-    tls = ContextCache()
+def build_snapshot(config: Config, previous: Snapshot | None = None) -> Snapshot:
+    """Everything derived from one config. Reads CA files: call it off the event loop.
+    TLS contexts whose CA file did not change are carried over from ``previous``."""
+    tls = ContextCache(previous.tls if previous is not None else None)
     for server in config.authorization_servers.values():
         tls.get(server.ca_file)
     for dest in config.destinations:
         tls.get(dest.ca_file)
-    return Snapshot(config, RoutingTable(config), tls)
+    return Snapshot(config, RoutingTable(config), tls.seal())
 
 
 def pod_ca_contexts(settings: Intercept, hosts: tuple[str, ...]) -> ServerContexts:
@@ -340,7 +341,7 @@ class Sidecar:
                 # then notices any change made while it was loaded.
                 seen = await asyncio.to_thread(fingerprint, source)
                 config = await asyncio.to_thread(load_config, source)
-                snapshot = await asyncio.to_thread(build_snapshot, config)
+                snapshot = await asyncio.to_thread(build_snapshot, config, self.snapshot)
                 if config.intercept_hosts and self.intercept is None:
                     try:
                         self.intercept = await asyncio.to_thread(

@@ -272,3 +272,38 @@ async def test_a_reload_that_allows_cleartext_warns_again(
         assert await sidecar.reload() is True
     warned = [r.__dict__["setting"] for r in logs.records if "cleartext" in r.getMessage()]
     assert warned == ["destinations[0].upstream"] * 2  # at every reload, not once
+
+
+async def test_a_reload_keeps_tls_contexts_and_pooled_connections_whose_ca_did_not_change(
+    stack: DevStack, tmp_path: Path
+) -> None:
+    """Reload churn under load: every reload built new TLS contexts (a system-CA store is a
+    megabyte of native memory) and closed every pooled connection, so each swap re-handshook
+    every upstream. A context whose CA file kept its content is carried over; one whose file
+    changed is rebuilt, and its old connections go."""
+    ca_copy = tmp_path / "ca.pem"
+    ca_copy.write_bytes(stack.ca_file.read_bytes())
+    doc = stack.sidecar_config(reload={"watch": False})
+    for dest in doc["destinations"]:
+        dest["ca_file"] = str(ca_copy)
+    volume = ConfigMapVolume(tmp_path / "config")
+    path = volume.publish(doc)
+    async with Sidecar(config.load(path), grace=5) as sidecar, AppClient(sidecar) as app:
+        assert (await app.request("GET", URL))[0] == 200
+        before = sidecar.snapshot.tls.contexts() if sidecar.snapshot else []
+        pool = sidecar.forwarder.pool
+        assert pool.idle_count == 1
+        for _ in range(3):
+            assert await sidecar.reload() is True
+        assert sidecar.snapshot is not None
+        assert [id(c) for c in sidecar.snapshot.tls.contexts()] == [id(c) for c in before]
+        assert pool.idle_count == 1  # the upstream connection survived the reloads
+        assert (await app.request("GET", URL))[0] == 200
+        assert len(pool) == 1  # ... and served the next request
+
+        ca_copy.write_bytes(stack.ca_file.read_bytes() + b"\n")  # same CA, new file content
+        assert await sidecar.reload() is True
+        after = {id(c) for c in sidecar.snapshot.tls.contexts()}
+        assert after != {id(c) for c in before}
+        assert pool.idle_count == 0  # made with the superseded context: closed
+        assert (await app.request("GET", URL))[0] == 200

@@ -16,7 +16,7 @@ SPIRE_VERSION := $(shell awk '$$1 == "tool" {next} /spiffe\/spire / {print $$2; 
 SPIRE_BIN := $(INTEROP_CACHE)/spire-$(SPIRE_VERSION)
 GO ?= $(or $(shell command -v go),/usr/local/go/bin/go)
 
-.PHONY: all demo serve test lint fmt check bench clean venv node k8s-examples keycloak spire interop-spire chaos promtool
+.PHONY: all demo serve test lint fmt check bench clean venv node k8s-examples keycloak spire interop-spire chaos promtool system-tools
 
 all: test
 
@@ -52,15 +52,21 @@ $(SPIRE_BIN)/.built: $(SPIRE_DIR)/go.mod $(SPIRE_DIR)/go.sum
 
 spire: $(SPIRE_BIN)/.built
 
-# promtool (Debian's `prometheus` package) checks k8s/monitoring's alert rules in the suite.
-# Installed when missing and root; otherwise that test skips and says why.
-promtool:
-	@command -v promtool >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1 || { \
+# Debian packages some tests run as real tools: promtool (k8s/monitoring's alert rules; package
+# prometheus) and iptables + setpriv (transparent capture in network namespaces). Installed
+# when missing and root; otherwise those tests skip and say why.
+SYSTEM_TOOLS := promtool:prometheus iptables-restore:iptables ip6tables-restore:iptables setpriv:util-linux
+system-tools:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+	  command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; done; \
+	[ -z "$$missing" ] || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1 || { \
 	  export DEBIAN_FRONTEND=noninteractive; \
-	  echo "installing promtool (Debian package prometheus) with apt-get ..."; \
-	  apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 || \
-	  { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends prometheus >/dev/null; } || \
-	  echo "promtool could not be installed: its tests will skip"; }
+	  echo "installing$$missing with apt-get ..."; \
+	  apt-get install -y -q --no-install-recommends $$missing >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $$missing >/dev/null; } || \
+	  echo "could not install$$missing: the tests that need them will skip"; }
+
+promtool: system-tools
 
 demo: $(STAMP)
 	$(VENV)/bin/sidecar demo
@@ -68,7 +74,7 @@ demo: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/sidecar demo --serve
 
-test: $(STAMP) node keycloak promtool
+test: $(STAMP) node keycloak system-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The end-to-end cases against a real SPIRE agent (tests/interop/spire, skipped by `make test`).

@@ -48,6 +48,7 @@ CUSTOM_KINDS = {
     ("cert-manager.io/v1", "Issuer"): ("selfSigned",),
     # The Prometheus Operator's CRD; promtool checks the rules themselves (test_prometheusrule).
     ("monitoring.coreos.com/v1", "PrometheusRule"): ("groups",),
+    ("monitoring.coreos.com/v1", "PodMonitor"): ("selector", "podMetricsEndpoints"),
 }
 
 

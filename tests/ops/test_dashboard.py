@@ -155,6 +155,7 @@ def test_every_query_names_documented_metrics_and_their_labels() -> None:
         "sidecar_token_requests_total",
         "sidecar_token_expiry_seconds",
         "sidecar_svid_expiry_seconds",
+        "sidecar_route_ready",
         "sidecar_config_reloads_total",
     } <= used
 

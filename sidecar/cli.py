@@ -153,6 +153,7 @@ def _supervise(args: argparse.Namespace, cfg: config.Config) -> int:
 async def _serve(
     cfg: config.Config, grace: float, *, reuse_port: bool = False, report_fd: int | None = None
 ) -> int:
+    from sidecar.ops.tracing import TracingError
     from sidecar.runtime import Sidecar
 
     sidecar = Sidecar(cfg, grace=grace, reuse_port=reuse_port)
@@ -176,6 +177,9 @@ async def _serve(
     except ConfigError as exc:  # what only start can check: the pod CA (intercept)
         for problem in exc.problems:
             log.error("cannot start", extra={"problem": problem})
+        return 2
+    except TracingError as exc:  # OTEL_* asks for what cannot run: say so, do not run untraced
+        log.error("cannot start: tracing", extra={"error": str(exc)})
         return 2
     if report_fd is not None:  # a worker: tell the supervisor where its admin endpoint is
         with contextlib.suppress(OSError):

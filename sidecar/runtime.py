@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from sidecar.config import (
@@ -41,6 +42,8 @@ from sidecar.ops.audit import Exchange
 from sidecar.ops.metrics import UNMATCHED, Metrics
 from sidecar.ops.readiness import Readiness, RouteReadiness, evaluate, route_readiness
 from sidecar.ops.reload import ConfigWatcher, Fingerprint, fingerprint
+from sidecar.ops.tracing import Tracing
+from sidecar.ops.tracing import from_env as tracing_from_env
 from sidecar.proxy.admission import Admission
 from sidecar.proxy.intercept.ca import CAError, load_or_create
 from sidecar.proxy.intercept.server import HandshakeFailed, ServerContexts
@@ -119,8 +122,11 @@ class Sidecar:
         wall_clock: Callable[[], float] = time.time,
         reuse_port: bool = False,
         resolver: Resolver = system_resolver,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self._initial = config
+        self._env = os.environ if env is None else env  # OTEL_* (ops/tracing.py)
+        self.tracing: Tracing | None = None
         self._wall_clock = wall_clock  # SVID notAfter / exp and JWT exp are epoch seconds
         self._resolver = resolver  # transparent capture: what a Host/SNI resolves to
         self._reuse_port = reuse_port  # --workers: several processes share the ports
@@ -176,6 +182,9 @@ class Sidecar:
         # dialled wherever their names resolve, loopback included (node-local IdPs, tests).
         # The SSRF guard is for the upstreams an app's request picks (see proxy/upstream.py).
         wall_clock = self._wall_clock
+        # None unless OTEL_* asks for traces; then the token client and the forwarder trace.
+        self.tracing = tracing = tracing_from_env(self._env)
+        observe = self._observe_token if tracing is None else tracing.observing(self._observe_token)
         self.token_client = TokenClient(
             UrlClient(allow_private=True),
             self.identity,
@@ -184,9 +193,11 @@ class Sidecar:
             ssl_for=self._as_ssl,
             clock=self._clock,
             wall=wall_clock,
-            observe=self._observe_token,
+            observe=observe,
             exchanges={"aws_sts": assume_role, "google_sts": federate},
         )
+        if tracing is not None:
+            self.token_client.trace_with(tracing)
         cache = TokenCache(self._background, clock=self._clock, wait=config.token_wait)
         self.credentials = Credentials(
             self.identity,
@@ -204,6 +215,8 @@ class Sidecar:
             replay_limit=config.replay_buffer_bytes,
             admission=self.admission,
         )
+        if tracing is not None:
+            self.forwarder.trace_with(tracing)
         self.listener = Listener(
             self.handle, max_header_bytes=config.max_header_bytes, admission=self.admission
         )
@@ -285,6 +298,8 @@ class Sidecar:
         await self._background.close()
         await self.forwarder.close()
         await self.token_client.close()
+        if self.tracing is not None:
+            await self.tracing.close()  # exports the spans still buffered
         await self.identity.close()
         await self.admin.stop()
         log.info("stopped")

@@ -1,7 +1,8 @@
 """The package's shape (docs/architecture.md): what the product imports, and who may import whom.
 
 - ``sidecar run`` carries one HTTP stack: neither the runtime nor a running ``sidecar run``
-  has aiohttp (or anything of the dev stack) in ``sys.modules``;
+  has aiohttp (or anything of the dev stack) in ``sys.modules``, nor OpenTelemetry when it is
+  not told to trace;
 - import rules, read from the source with ``ast``: nothing imports ``sidecar.cli``; only the
   CLI and the dev stack itself import ``sidecar.devstack``; ``sidecar.credentials`` does not
   import the rooms above it (proxy, ops' admin port, runtime); only commands import
@@ -24,8 +25,11 @@ from sidecar.devstack.stack import DevStack
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "sidecar"
-# aiohttp and the packages only it brings; the development-only peers.
-FOREIGN_PACKAGES = frozenset({"aiohttp", "yarl", "multidict", "aiohappyeyeballs", "frozenlist"})
+# aiohttp and the packages only it brings; the development-only peers; OpenTelemetry, which
+# only a sidecar told to trace loads (OTEL_EXPORTER_OTLP_*, sidecar/ops/tracing.py).
+FOREIGN_PACKAGES = frozenset(
+    {"aiohttp", "yarl", "multidict", "aiohappyeyeballs", "frozenlist", "opentelemetry"}
+)
 
 
 def foreign(modules: list[str]) -> list[str]:
@@ -61,7 +65,8 @@ def test_sidecar_run_loads_neither_aiohttp_nor_the_dev_stack(
         f"sys.argv = ['sidecar', 'run', '--config', {str(cfg)!r}]\n"
         "runpy.run_module('sidecar', run_name='__main__')\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env["PYTHONPATH"] = str(ROOT)
     proc = subprocess.Popen(  # noqa: S603 - our own interpreter, a fixed command
         [sys.executable, "-c", code], stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT
     )

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 from urllib.parse import quote, urlencode, urlsplit
 
 import jwt
@@ -39,6 +39,9 @@ from sidecar.credentials.identity import JwtSvid, WorkloadIdentity
 from sidecar.errors import ProxyError, Scrubber, TokenRejected, TokenUnavailable, registered_error
 from sidecar.ops.audit import token_reference
 from sidecar.secret import Secret
+
+if TYPE_CHECKING:
+    from sidecar.ops.tracing import Tracing
 
 log = logging.getLogger("sidecar.token")
 audit = logging.getLogger("sidecar.audit")
@@ -444,6 +447,7 @@ class TokenClient:
         self._metadata: dict[str, _Metadata] = {}
         self._secrets: dict[Path, tuple[tuple[int, int, int], Secret]] = {}
         self._mtls: dict[tuple[Path | None, str], ssl.SSLContext] = {}
+        self._tracing: Tracing | None = None
 
     async def close(self) -> None:
         await self._transport.close()
@@ -451,6 +455,18 @@ class TokenClient:
     def now(self) -> float:
         """The client's monotonic clock (issued_at / expires_at of what it returns)."""
         return self._clock()
+
+    def trace_with(self, tracing: Tracing) -> None:
+        """Traces on: each token request is a span. (Off, ``fetch`` is the plain method.)"""
+        self._tracing = tracing
+        self.fetch = self._fetch_traced  # type: ignore[method-assign]
+
+    async def _fetch_traced(
+        self, server: AuthorizationServer, key: TokenKey, route: str
+    ) -> AccessToken:
+        assert self._tracing is not None
+        with self._tracing.token_request(server):
+            return await TokenClient.fetch(self, server, key, route)
 
     async def fetch(self, server: AuthorizationServer, key: TokenKey, route: str) -> AccessToken:
         """One token from ``server``; the outcome is counted and remembered for readiness."""

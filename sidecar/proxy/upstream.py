@@ -34,7 +34,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sidecar.config import Destination
 from sidecar.credentials.dpop import htu
@@ -64,6 +64,9 @@ from sidecar.proxy.origin_client import (
     is_private,
 )
 from sidecar.routing import OVERRIDE_HEADERS, Dial, Resolved, Route, Target
+
+if TYPE_CHECKING:
+    from sidecar.ops.tracing import Tracing
 
 log = logging.getLogger("sidecar.upstream")
 
@@ -172,6 +175,31 @@ class Forwarder:
         # reloaded config (new Route objects, maybe new CA files) never reuses an old one.
         self._upstreams: dict[tuple[int, str], tuple[Route, _Upstream]] = {}  # (route, host)
         self._slots: dict[str, Slots] = {}
+        self._tracing: Tracing | None = None
+
+    def trace_with(self, tracing: Tracing) -> None:
+        """Traces on: every request is forwarded inside its span. (Off, ``forward`` is the
+        plain method: the data path does nothing for tracing.)"""
+        self._tracing = tracing
+        self.forward = self._forward_traced  # type: ignore[method-assign]
+
+    async def _forward_traced(
+        self, request: Request, reply: Reply, resolved: Resolved, exchange: Exchange
+    ) -> None:
+        assert self._tracing is not None
+        route, target, _ = resolved
+        up = self._upstream(route, target)
+        with self._tracing.forwarding(
+            request,
+            reply,
+            exchange,
+            route=route.name,
+            origin=up.htu_prefix,
+            host=up.origin.host,
+            port=up.origin.port,
+            path=target.path,
+        ):
+            await Forwarder.forward(self, request, reply, resolved, exchange)
 
     async def close(self) -> None:
         await self._pool.close()
@@ -258,7 +286,10 @@ class Forwarder:
             digest = hashlib.sha256(body.data).hexdigest() if body.data else _EMPTY_DIGEST
         held = credential.ready(route, scopes)
         if held is None:
-            held, hit = await credential.prepare(route, scopes)
+            pending = credential.prepare(route, scopes)
+            if self._tracing is not None:  # the wait is a child span of the request's
+                pending = self._tracing.waited(pending, route.name)
+            held, hit = await pending
             exchange.cache = "hit" if hit else "miss"
         else:
             exchange.cache = "hit"

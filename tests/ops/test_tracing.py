@@ -11,11 +11,13 @@ import json
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from sidecar import config
+from sidecar.cli import main
 from sidecar.credentials.dpop import b64url
 from sidecar.devstack.stack import SAAS_HOST, DevStack
 from sidecar.ops.tracing import TracingError, from_env, traces_endpoint, wanted
@@ -292,3 +294,22 @@ def test_tracing_asked_for_in_a_way_it_cannot_run_is_refused(
 ) -> None:
     with pytest.raises(TracingError, match=message):
         from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318", **extra})
+
+
+def test_sidecar_run_stops_when_told_to_trace_in_a_way_it_cannot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\n"
+        "spiffe: {socket: unix:///nonexistent/agent.sock}\n"
+        "authorization_servers:\n  corp: {issuer: 'https://login.example.com'}\n"
+        "destinations:\n"
+        "  - {name: api, host: api.example, upstream: 'https://api.example', "
+        "authorization_server: corp}\n"
+    )
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    assert main(["run", "--config", str(path)]) == 2
+    # `sidecar run` writes its own log lines to stderr (logs.configure).
+    assert "only http/protobuf" in capfd.readouterr().err

@@ -39,8 +39,9 @@ HELM_LABELS = {
 
 
 def cache_dir() -> Path:
-    """Where `make helm` puts the binary: the cache the Makefile's SIDECAR_CACHE names."""
-    explicit = os.environ.get("SIDECAR_CACHE")
+    """Where `make helm` puts the binary: the Makefile's INTEROP_CACHE (shared with the
+    interop peers), exported as SIDECAR_INTEROP_CACHE."""
+    explicit = os.environ.get("SIDECAR_INTEROP_CACHE")
     if explicit:
         return Path(explicit)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")

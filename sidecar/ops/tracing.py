@@ -104,10 +104,14 @@ def from_env(env: Mapping[str, str]) -> Tracing | None:
             f"{next(n for n in ENDPOINTS if env.get(n))} is set but OpenTelemetry is not "
             "installed: pip install 'spiffe-oauth-sidecar[otel]' (or unset it)"
         ) from exc
-    defaults = {} if env.get("OTEL_SERVICE_NAME") else {"service.name": SERVICE}
-    provider = TracerProvider(
-        resource=Resource.create({**defaults, "service.version": __version__})
-    )
+    # OTEL_SERVICE_NAME wins (as in the SDK); ours only when the operator named none.
+    attributes = {"service.version": __version__}
+    service = env.get("OTEL_SERVICE_NAME", "").strip()
+    if service:
+        attributes["service.name"] = service
+    elif "service.name=" not in env.get("OTEL_RESOURCE_ATTRIBUTES", ""):
+        attributes["service.name"] = SERVICE
+    provider = TracerProvider(resource=Resource.create(attributes))
     # The exporter reads headers, timeout, compression and TLS files from OTEL_* itself.
     exporter = OTLPSpanExporter(endpoint=traces_endpoint(env))
     provider.add_span_processor(BatchSpanProcessor(exporter))

@@ -40,10 +40,10 @@ async def receiver() -> AsyncIterator[OtlpReceiver]:
 
 @asynccontextmanager
 async def traced_sidecar(
-    stack: DevStack, receiver: OtlpReceiver, **overrides: Any
+    stack: DevStack, receiver: OtlpReceiver, env: dict[str, str] | None = None, **overrides: Any
 ) -> AsyncIterator[Sidecar]:
     cfg = config.parse(stack.sidecar_config(**overrides))
-    env = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.endpoint}
+    env = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": receiver.endpoint, **(env or {})}
     async with Sidecar(cfg, grace=5.0, env=env) as sidecar:
         assert sidecar.tracing is not None
         yield sidecar
@@ -234,6 +234,16 @@ async def test_a_refresh_no_request_waited_for_is_a_trace_of_its_own(
     token = one(receiver.named("token request"))
     assert token.parent_span_id == ""
     assert receiver.named("GET") == []
+
+
+async def test_the_operators_service_name_is_the_resources(
+    stack: DevStack, receiver: OtlpReceiver
+) -> None:
+    env = {"OTEL_SERVICE_NAME": "billing-egress"}
+    async with traced_sidecar(stack, receiver, env) as sidecar, AppClient(sidecar) as app:
+        assert (await app.request("GET", URL))[0] == 200
+        await exported(sidecar)
+    assert {s.resource["service.name"] for s in receiver.spans} == {"billing-egress"}
 
 
 # -- off -------------------------------------------------------------------------------------------

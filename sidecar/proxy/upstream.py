@@ -187,7 +187,7 @@ class Forwarder:
         self, request: Request, reply: Reply, resolved: Resolved, exchange: Exchange
     ) -> None:
         assert self._tracing is not None
-        route, target, _ = resolved
+        route, target = resolved.route, resolved.target
         up = self._upstream(route, target)
         with self._tracing.forwarding(
             request,

@@ -236,6 +236,7 @@ class Tracing:
             kind=self._kind.CLIENT,
             attributes={
                 "sidecar.authorization_server": server.name,
+                "sidecar.authorization_server.kind": server.kind,  # oauth, aws_sts, google_sts
                 "oauth.grant_type": server.grant,
                 "oauth.client_auth": server.client_auth,
                 "oauth.dpop.nonce_retry": False,

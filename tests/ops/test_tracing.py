@@ -109,6 +109,7 @@ async def test_a_request_continues_the_apps_trace_and_parents_the_upstream(
     assert token.kind == "SPAN_KIND_CLIENT"
     assert token.attributes == {
         "sidecar.authorization_server": "dev",
+        "sidecar.authorization_server.kind": "oauth",
         "oauth.grant_type": "client_credentials",
         "oauth.client_auth": "jwt_svid",
         "oauth.dpop.nonce_retry": False,

@@ -12,7 +12,8 @@ Spans:
 - ``<METHOD> <route>`` (CLIENT), one per forwarded request: the app's W3C ``traceparent`` is
   its parent when valid (else a new trace starts), and the upstream receives this span as its
   parent (``traceparent`` replaced, ``tracestate`` carried on). Attributes: the route, method,
-  upstream host, port and URL without the query, status, retry reason, error code.
+  upstream host, port and URL without the query, whether it was intercepted, status, retry
+  reason, error code.
 - ``token wait`` (INTERNAL), its child, when the request waited for a token fetch.
 - ``token request <server>`` (CLIENT), one per token request to an authorization server: the
   child of the wait that started it, else (a refresh ahead, a prefetch) a trace of its own.
@@ -169,6 +170,8 @@ class Tracing:
                 # RFC 3986 §3.4: the query is left out (apps put secrets there; the audit log
                 # leaves it out by default too).
                 "url.full": origin + path,
+                # decrypted from the app's https:// (an intercepting route, docs/https.md)
+                "sidecar.intercepted": exchange.intercepted,
             },
         )
         if carrier:

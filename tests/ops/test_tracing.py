@@ -25,6 +25,7 @@ from sidecar.proxy.upstream import Forwarder
 from sidecar.runtime import Sidecar
 from tests.conftest import AppClient, assert_no_secrets
 from tests.ops.otlp_receiver import OtlpReceiver, ReceivedSpan
+from tests.proxy.test_intercept import close, connect_tls, intercepting, read_answers
 
 URL = f"http://{SAAS_HOST}/v1/invoices"
 APP_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -91,6 +92,7 @@ async def test_a_request_continues_the_apps_trace_and_parents_the_upstream(
         "server.address": "127.0.0.1",
         "server.port": stack.saas.port,
         "url.full": f"https://127.0.0.1:{stack.saas.port}/v1/invoices/12345",
+        "sidecar.intercepted": False,
         "http.response.status_code": 200,
     }
     assert client.status == "STATUS_CODE_UNSET"
@@ -245,6 +247,28 @@ async def test_the_operators_service_name_is_the_resources(
         assert (await app.request("GET", URL))[0] == 200
         await exported(sidecar)
     assert {s.resource["service.name"] for s in receiver.spans} == {"billing-egress"}
+
+
+async def test_a_request_decrypted_from_intercepted_tls_says_so(
+    stack: DevStack, receiver: OtlpReceiver, tmp_path: Path
+) -> None:
+    overrides = intercepting(stack, tmp_path)
+    async with traced_sidecar(stack, receiver, **overrides) as sidecar:
+        reader, writer = await connect_tls(sidecar, tmp_path / "trust")
+        try:
+            writer.write(
+                f"GET /v1/invoices HTTP/1.1\r\nHost: {SAAS_HOST}\r\n"
+                f"traceparent: 00-{APP_TRACE}-{APP_PARENT}-01\r\n\r\n".encode()
+            )
+            ((status, _),) = await read_answers(reader, 1)
+        finally:
+            await close(writer)
+        assert status == 200
+        await exported(sidecar)
+    client = one(receiver.named("GET saas"))
+    assert client.attributes["sidecar.intercepted"] is True
+    assert (client.trace_id, client.parent_span_id) == (APP_TRACE, APP_PARENT)
+    assert upstream_parent(stack) == (APP_TRACE, client.span_id)
 
 
 # -- off -------------------------------------------------------------------------------------------

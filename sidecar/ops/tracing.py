@@ -280,3 +280,7 @@ class Tracing:
     async def close(self) -> None:
         """Export what is left and stop the exporter's thread (off the loop: it blocks)."""
         await asyncio.to_thread(self._provider.shutdown)
+        # The SDK's at-fork hook restarts even a shut-down batch processor's thread in a forked
+        # child while the processor lives (it holds it weakly): let the processor go, so a
+        # process forked later (uvloop runs the hooks before exec) starts no thread of ours.
+        del self._provider, self._tracer

@@ -7,9 +7,10 @@ an endpoint, with nothing on the data path."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,18 @@ URL = f"http://{SAAS_HOST}/v1/invoices"
 APP_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 APP_PARENT = "00f067aa0ba902b7"
 TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
+
+
+@pytest.fixture(autouse=True)
+def no_processor_outlives_its_sidecar() -> Iterator[None]:
+    """A stopped sidecar lets its span processor go: the SDK's at-fork hook would otherwise
+    restart the processor's thread in every process forked later (uvloop runs the hooks before
+    exec), and the suite forks real clients after these tests."""
+    yield
+    from opentelemetry.sdk._shared_internal import BatchProcessor
+
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, BatchProcessor)]
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ import yaml
 from sidecar import config
 from sidecar.cli import build_parser
 from sidecar.devstack.pki import DevCA
+from tests.interop.cache import cache_dir, missing
 from tests.test_kubernetes import K8S, ROOT, load_docs, validate
 
 CHART = ROOT / "charts" / "spiffe-oauth-sidecar"
@@ -38,16 +39,6 @@ HELM_LABELS = {
 }
 
 
-def cache_dir() -> Path:
-    """Where `make helm` puts the binary: the Makefile's INTEROP_CACHE (shared with the
-    interop peers), exported as SIDECAR_INTEROP_CACHE."""
-    explicit = os.environ.get("SIDECAR_INTEROP_CACHE")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "spiffe-oauth-sidecar"
-
-
 def helm_version() -> str:
     found = re.search(r"^\thelm\.sh/helm/v3 (v[0-9][0-9.]*)", (TOOL / "go.mod").read_text(), re.M)
     assert found, "tests/helm/tool/go.mod pins no helm.sh/helm/v3 version"
@@ -56,12 +47,10 @@ def helm_version() -> str:
 
 @pytest.fixture(scope="session")
 def helm() -> Path:
+    # The Makefile's INTEROP_CACHE, shared with the interop peers.
     binary = cache_dir() / f"helm-{helm_version()}" / "helm"
     if not os.access(binary, os.X_OK):
-        reason = f"helm {helm_version()} is not built at {binary}: run `make helm` (needs Go)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        missing(f"helm {helm_version()} is not built at {binary}: run `make helm` (needs Go)")
     return binary
 
 

@@ -103,6 +103,8 @@ def client_command(kind: str, method: str, sidecar: Sidecar, java: Path | None) 
         return command
     if kind == "node":
         return ["node", str(CLIENTS / "node_client.js"), method, URL]
+    if kind == "node-fetch":
+        return ["node", str(CLIENTS / "node_fetch_client.mjs"), method, URL]
     if kind == "java":
         assert java is not None
         address = sidecar.proxy_address
@@ -119,18 +121,24 @@ def status_and_body(kind: str, out: str) -> tuple[int, dict[str, Any]]:
     return int(lines[0]), json.loads("\n".join(lines[1:]))
 
 
-KINDS = ["curl", "requests", "urllib", "httpx", "node", "java"]
+KINDS = ["curl", "requests", "urllib", "httpx", "node", "node-fetch", "java"]
+# undici (fetch + ProxyAgent) comes with the project's Node peers (`make node`).
+UNDICI = Path(__file__).resolve().parents[1] / "interop" / "oidc" / "node_modules"
 
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_real_clients_get_and_post_https_through_the_sidecar(
     kind: str, stack: DevStack, tmp_path: Path, logs: LogCapture, request: pytest.FixtureRequest
 ) -> None:
-    if shutil.which({"curl": "curl", "node": "node", "java": "java"}.get(kind, "python3")) is None:
+    tool = {"curl": "curl", "node": "node", "node-fetch": "node", "java": "java"}
+    if shutil.which(tool.get(kind, "python3")) is None:
         pytest.skip(f"{kind} is not installed")
+    if kind == "node-fetch" and not (UNDICI / "undici").is_dir():
+        pytest.skip("undici is not installed (make node)")
     java = request.getfixturevalue("java_classes") if kind == "java" else None
     async with intercept_sidecar(stack, tmp_path) as sidecar:
         env = app_env(sidecar, tmp_path / "trust")
+        env["UNDICI_DIR"] = str(UNDICI)
         for method, scope in (("GET", "invoices:read"), ("POST", "invoices:write")):
             code, out, err = await run(client_command(kind, method, sidecar, java), env)
             assert code == 0, err

@@ -474,6 +474,10 @@ class Shape:
 SHAPES = (Shape("saturation", 32, 0.0), Shape("paced", 16, 16.0))  # 16 x 1000/16 ms ~ 1000/s
 
 
+class LoaderFailed(RuntimeError):
+    """The load generator ended without a result (its stderr's last lines say why)."""
+
+
 async def generate(
     wrk: str | None, proxy: Proxy, origin: Origin, shape: Shape, duration: float
 ) -> dict[str, Any]:
@@ -513,17 +517,21 @@ async def generate(
     loader_before = _children_cpu()
     tokens_before = proxy.token_requests()
     process = await asyncio.create_subprocess_exec(
-        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env=env, cwd=HERE.parent,
     )  # fmt: skip
-    out, _ = await asyncio.wait_for(process.communicate(), duration + 60)
+    out, err = await asyncio.wait_for(process.communicate(), duration + 60)
     cpu = cpu_seconds(proxy.pids()) - cpu_before
     loader_cpu = _children_cpu() - loader_before  # the load generator, a waited-for child
     origin_cpu = cpu_seconds(origin.pids()) - origin_before if origin_before is not None else None
     lines = out.decode().splitlines()
     line = next((text for text in lines if text.startswith("BENCH_RESULT ")), None)
     if line is None:
-        raise RuntimeError(f"{proxy.name}/{shape.name}: the load generator printed no result")
+        tail = err.decode(errors="replace").strip().splitlines()[-5:]
+        raise LoaderFailed(
+            f"{proxy.name}/{shape.name}: the load generator printed no result "
+            f"(exit {process.returncode}): {' | '.join(tail) or 'nothing on stderr'}"
+        )
     result: dict[str, Any] = json.loads(line.partition(" ")[2])
     seconds = result["duration_us"] / 1e6
     rps = result["requests"] / seconds if seconds else 0.0
@@ -741,7 +749,11 @@ async def bench(args: argparse.Namespace) -> str:
             for round_ in range(args.rounds):
                 for shape in SHAPES:
                     for proxy in proxies:  # interleaved: drift hits every configuration alike
-                        result = await generate(wrk, proxy, origin, shape, args.duration)
+                        try:
+                            result = await generate(wrk, proxy, origin, shape, args.duration)
+                        except LoaderFailed as exc:  # the tool, not the proxy: say so, once more
+                            print(f"{exc}; running the cell once more", flush=True)
+                            result = await generate(wrk, proxy, origin, shape, args.duration)
                         samples[(proxy.name, shape.name)].runs.append(result)
                         print(
                             f"round {round_ + 1} {shape.name:10} {proxy.name:7} "

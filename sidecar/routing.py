@@ -31,6 +31,7 @@ upstream act on a method the scopes were not chosen for: refused by default (per
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Mapping, Sequence
@@ -151,9 +152,12 @@ def split_authority(authority: str, default_port: int) -> tuple[str, int]:
     return host, port
 
 
+@functools.lru_cache(maxsize=1024)
 def valid_host(text: str) -> str:
     """A host name as DNS labels (lower-case, no trailing dot) or an IPv4 dotted quad; else 400.
-    The value is never echoed: it is the app's, and may be hostile."""
+    The value is never echoed: it is the app's, and may be hostile. Answers are memoised (an
+    app calls a handful of hosts; 1,024 entries of at most 253 characters bound the memory, and
+    a refusal is an exception, which is never cached)."""
     if not text:
         raise BadRequest("the request target has no host")
     if not text.isascii():

@@ -407,3 +407,15 @@ def test_a_wildcard_tunnel_host_is_resolved_as_an_absolute_name() -> None:
     exact = dataclasses.replace(dest, host="db.tunnel.test")
     assert tunnel_lookup_name(exact, "db.tunnel.test") == "db.tunnel.test"
     assert tunnel_lookup_name(dest, "10.0.0.1") == "10.0.0.1"
+
+
+def test_valid_host_memoises_answers_but_never_a_refusal() -> None:
+    from sidecar.errors import BadRequest
+    from sidecar.routing import valid_host
+
+    assert valid_host.cache_info().maxsize == 1024  # bounded: app-controlled keys
+    assert valid_host("API.Example.COM.") == "api.example.com"
+    assert valid_host("API.Example.COM.") == "api.example.com"
+    for _ in range(2):  # a refusal is raised every time, not remembered as an answer
+        with pytest.raises(BadRequest):
+            valid_host("bad_host.example")

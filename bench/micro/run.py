@@ -6,6 +6,8 @@ run (the ratio is the result; absolute times vary with the machine):
   routing        RoutingTable.resolve, 50 routes vs a dict lookup of the host
   htu            dpop.htu                        vs an f-string of the same parts
   cache lookup   TokenCache.lookup (a hit)       vs a dict get
+  audit line     Exchange.record through logs    vs json.dumps + write + flush of the same
+                 .configure() (to /dev/null)        fields (the floor of a JSON line)
 
     python -m bench.micro [--seconds S]
 """
@@ -14,6 +16,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
 import time
 import timeit
 from collections.abc import Callable
@@ -27,6 +34,8 @@ from sidecar import config
 from sidecar.credentials.dpop import DpopKey, access_token_hash, b64url, htu
 from sidecar.credentials.token_cache import TokenCache
 from sidecar.credentials.token_client import AccessToken, TokenKey
+from sidecar.ops import logs
+from sidecar.ops.audit import Exchange
 from sidecar.routing import RoutingTable
 from sidecar.secret import Secret
 from sidecar.tasks import Background
@@ -180,13 +189,63 @@ def bench_cache(seconds: float) -> list[tuple[str, float]]:
     return result
 
 
+def bench_audit(seconds: float) -> list[tuple[str, float]]:
+    sink = open(os.devnull, "w")  # noqa: SIM115 - closed below, after the handler goes
+    saved = sys.stderr, logging.getLogger().handlers[:], logging.getLogger().level
+    sys.stderr = sink
+    try:
+        logs.configure("warning", "json", audit=True)
+
+        def ours() -> None:
+            exchange = Exchange("GET", URL)
+            exchange.route, exchange.host = "vendor", "api.vendor.example"
+            exchange.path, exchange.scopes = "/v1/invoices/123", ("invoices:read",)
+            exchange.status, exchange.cache = 200, "hit"
+            exchange.token = {"sub": "spiffe://example.org/app", "jti": "0123456789abcdef"}
+            exchange.record("spiffe://example.org/app", with_query=False)
+
+        doc = {
+            "time": "2026-12-02T10:00:00.000Z",
+            "level": "info",
+            "logger": "sidecar.audit",
+            "msg": "request",
+            "event": "request",
+            "spiffe_id": "spiffe://example.org/app",
+            "route": "vendor",
+            "method": "GET",
+            "host": "api.vendor.example",
+            "path": "/v1/invoices/123",
+            "scopes": "invoices:read",
+            "status": 200,
+            "latency_ms": 0.01,
+            "cache": "hit",
+            "token_sub": "spiffe://example.org/app",
+            "token_jti": "0123456789abcdef",
+        }
+
+        def floor() -> None:
+            sink.write(json.dumps(doc) + "\n")
+            sink.flush()
+
+        return [
+            ("audit line per request (ours)", per_call(ours, seconds)),
+            ("json.dumps + write + flush (floor)", per_call(floor, seconds)),
+        ]
+    finally:
+        sys.stderr = saved[0]
+        root = logging.getLogger()
+        root.handlers[:], _ = saved[1], root.setLevel(saved[2])
+        with contextlib.suppress(OSError):
+            sink.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.micro")
     parser.add_argument("--seconds", type=float, default=1.0, help="per measurement")
     args = parser.parse_args(argv)
     print("| operation | µs per call | × baseline |")
     print("|---|---|---|")
-    for group in (bench_dpop, bench_routing, bench_htu, bench_cache):
+    for group in (bench_dpop, bench_routing, bench_htu, bench_cache, bench_audit):
         rows = group(args.seconds)
         baseline = rows[1][1]
         for name, micros in rows:

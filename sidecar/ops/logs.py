@@ -18,15 +18,25 @@ import time
 from typing import Any
 
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+_FIELDS = "_sidecar_fields"  # the record's extra fields, picked once by the filter
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    _FIELDS,
+}
 
 
 def redact(text: str) -> str:
-    return _JWT.sub("[redacted]", text)
+    # Every match starts with "eyJ": the substring test is much cheaper than the search, and
+    # most values (route names, paths, statuses) have none.
+    return _JWT.sub("[redacted]", text) if "eyJ" in text else text
 
 
 def fields(record: logging.LogRecord) -> dict[str, Any]:
-    return {k: v for k, v in vars(record).items() if k not in _STANDARD and v is not None}
+    picked = record.__dict__.get(_FIELDS)
+    if picked is None:
+        picked = {k: v for k, v in vars(record).items() if k not in _STANDARD and v is not None}
+    return picked
 
 
 class RedactingFilter(logging.Filter):
@@ -38,17 +48,33 @@ class RedactingFilter(logging.Filter):
         except (TypeError, ValueError):  # arguments that do not fit the format: keep both
             message = f"{record.msg} {record.args!r}"
         record.msg, record.args = redact(message), None
-        for key, value in fields(record).items():
+        picked = fields(record)
+        for key, value in picked.items():
             if isinstance(value, str):
-                setattr(record, key, redact(value))
+                clean = redact(value)
+                if clean is not value:
+                    picked[key] = clean
+                    setattr(record, key, clean)
+        # The formatter reads the fields from here instead of walking the record again. A
+        # handler added later (a test's capture) still sees the redacted attributes.
+        record.__dict__[_FIELDS] = picked
         return True
 
 
 class JsonFormatter(logging.Formatter):
+    _second = -1
+    _stamp = ""
+
+    def _time(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:  # one strftime per second, not per line
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return f"{self._stamp}.{int(record.msecs):03d}Z"
+
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": self._time(record),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -93,6 +119,13 @@ def set_format(fmt: str) -> None:
 
 
 def configure(level: str = "info", fmt: str = "json", *, audit: bool = True) -> None:
+    # Nothing we write reads the caller's file and line, the thread or the process (the
+    # formatters above): the logging HOWTO's "Optimization" settings skip collecting them for
+    # every record, which the per-request audit line pays for otherwise.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
     handler.set_name(HANDLER_NAME)
     handler.setFormatter(JsonFormatter() if fmt == "json" else ConsoleFormatter())

@@ -3,7 +3,9 @@ does."""
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections.abc import Iterator
 
 import pytest
@@ -79,3 +81,29 @@ def test_the_redacting_filter_survives_arguments_that_do_not_fit() -> None:
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "%d things", ("many",), None)
     assert logs_module.RedactingFilter().filter(record)
     assert "many" in record.getMessage()
+
+
+def test_fields_are_redacted_once_and_the_json_line_carries_only_them() -> None:
+    jwt_like = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
+    record = logging.LogRecord("sidecar.audit", logging.INFO, __file__, 1, "request", None, None)
+    record.path = f"/callback/{jwt_like}"
+    record.route = "saas"
+    record.status = 200
+    assert logs_module.RedactingFilter().filter(record)
+    assert record.path == "/callback/[redacted]"  # another handler (a test's capture) sees it
+    line = logs_module.JsonFormatter().format(record)
+    assert jwt_like not in line
+    doc = json.loads(line)
+    assert {k: doc[k] for k in ("path", "route", "status")} == {
+        "path": "/callback/[redacted]",
+        "route": "saas",
+        "status": 200,
+    }
+    assert not any(k.startswith("_") for k in doc)  # the filter's stash is not a field
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", doc["time"])
+
+
+def test_the_formatter_alone_still_picks_the_fields() -> None:
+    record = logging.LogRecord("sidecar", logging.INFO, __file__, 1, "m", None, None)
+    record.route = "saas"
+    assert '"route": "saas"' in logs_module.JsonFormatter().format(record)

@@ -253,3 +253,19 @@ class UpstreamBusy(ProxyError):
 class UpstreamTimeout(ProxyError):
     status = 504
     code = "upstream_timeout"
+
+
+# What the audit line and ``sidecar_request_errors_total`` name when the sidecar itself ended
+# a request without a ProxyError: the app left first (nginx's 499), or a bug (500).
+APP_GONE = "app_gone"
+
+
+def error_codes() -> frozenset[str]:
+    """Every ``error`` code the sidecar can answer the app with (a bounded vocabulary)."""
+    codes = {APP_GONE}
+    pending: list[type[ProxyError]] = [ProxyError]
+    while pending:
+        kind = pending.pop()
+        codes.add(kind.code)
+        pending.extend(kind.__subclasses__())
+    return frozenset(codes)

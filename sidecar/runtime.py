@@ -35,7 +35,7 @@ from sidecar.credentials.identity import WorkloadIdentity
 from sidecar.credentials.svid_files import SvidFiles
 from sidecar.credentials.token_cache import TokenCache
 from sidecar.credentials.token_client import TokenClient
-from sidecar.errors import ConfigError, Forbidden, ProxyError
+from sidecar.errors import APP_GONE, ConfigError, Forbidden, ProxyError
 from sidecar.ops import logs as logs_module
 from sidecar.ops.admin import Admin
 from sidecar.ops.audit import Exchange
@@ -527,7 +527,7 @@ class Sidecar:
             if isinstance(exc, AppGone) or request.app_gone:
                 # nginx's 499: the app closed its connection first (its request was dropped
                 # before it was sent, or given up while the upstream had not answered)
-                exchange.status, exchange.error = reply.status or 499, "app_gone"
+                exchange.status, exchange.error = reply.status or 499, APP_GONE
             else:
                 exchange.status, exchange.error = reply.status or 500, "internal_error"
             raise
@@ -569,7 +569,12 @@ class Sidecar:
         known = exchange.route in snapshot.routing.all_route_names
         route = exchange.route if known and exchange.route else UNMATCHED
         self.metrics.request_done(
-            route, exchange.method, exchange.status, exchange.upstream_seconds
+            route,
+            exchange.method,
+            exchange.status,
+            exchange.upstream_seconds,
+            exchange.error,
+            exchange.added_seconds(),
         )
         if exchange.retry:
             self.metrics.retries.labels(route, exchange.retry).inc()

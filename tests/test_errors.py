@@ -1,14 +1,19 @@
-"""By-value scrubbing of what peers say back, and the registered OAuth error codes."""
+"""By-value scrubbing of what peers say back, the registered OAuth error codes, and the
+sidecar's own error codes as the README lists them."""
 
 from __future__ import annotations
 
 import base64
 import json
+import re
+from pathlib import Path
 from urllib.parse import quote, quote_plus
 
 import pytest
 
-from sidecar.errors import OAUTH_ERRORS, Scrubber, registered_error
+from sidecar.errors import OAUTH_ERRORS, Scrubber, error_codes, registered_error
+
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 JWT = (
     "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJzcGlmZmU6Ly9leGFtcGxlLm9yZyJ9.c2lnbmF0dXJlLXNlZ21lbnQtMTIzNDU2"
@@ -63,3 +68,11 @@ def test_registered_codes_are_kept(code: str) -> None:
 )
 def test_anything_else_is_unknown(code: object) -> None:
     assert registered_error(code) == "unknown"
+
+
+def test_the_readme_error_table_lists_every_code_the_sidecar_answers() -> None:
+    table = README.read_text().partition("| status | error | when |")[2].partition("\n\n")[0]
+    cells = "\n".join(row.split("|")[2] for row in table.strip().split("\n")[1:])
+    listed = set(re.findall(r"`([a-z_]+)`", cells))
+    assert listed == error_codes()
+    assert {"app_gone", "internal_error", "destination_not_allowed", "upstream_busy"} <= listed

@@ -27,6 +27,7 @@ class Exchange:
     request: a plain slotted class, cheaper to make than a dataclass with defaults.)"""
 
     __slots__ = (
+        "answered",
         "cache",
         "error",
         "host",
@@ -60,7 +61,18 @@ class Exchange:
         self.status = 0
         self.error: str | None = None
         self.upstream_seconds: float | None = None
+        # perf_counter() when the upstream's response headers came (the one relayed)
+        self.answered: float | None = None
         self.intercepted = False  # decrypted from an intercepted https:// connection
+
+    def added_seconds(self) -> float | None:
+        """What the sidecar added before the relayed answer's headers: from the app's request
+        head to those headers, minus the upstream's own time for them (token waits, slot
+        queueing, signing, a retry's first round trip); None when nothing was relayed."""
+        upstream, answered = self.upstream_seconds, self.answered
+        if upstream is None or answered is None:
+            return None
+        return max(answered - self.started - upstream, 0.0)
 
     def record(self, spiffe_id: str | None, *, with_query: bool) -> None:
         if not log.isEnabledFor(logging.INFO):

@@ -5,9 +5,9 @@ methods are folded to the standard set, statuses to their class, outcomes and re
 fixed vocabularies. No label ever carries a token, a path, a host the app made up, or an ID.
 The documented list lives in docs/operations.md and a test checks it against this module.
 
-The two series every request touches (``sidecar_requests_total`` and the upstream latency
-histogram) are plain counters exposed by a collector at scrape time; the rest use
-prometheus-client's metric types.
+The series every request touches (``sidecar_requests_total``, the errors the sidecar answered,
+the upstream and added latency histograms) are plain counters exposed by a collector at scrape
+time; the rest use prometheus-client's metric types.
 """
 
 from __future__ import annotations
@@ -30,8 +30,11 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from sidecar.config import HTTP_METHODS
+from sidecar.errors import error_codes
+from sidecar.proxy.intercept.server import REASONS as HANDSHAKE_REASONS
 
 if TYPE_CHECKING:
+    from sidecar.config import Destination
     from sidecar.runtime import Sidecar
 
 # No *_created series: they double the output and nobody graphs them.
@@ -39,6 +42,9 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 UNMATCHED = "(unmatched)"  # the route label of requests no route accepted
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# The error label's vocabulary: the JSON ``error`` codes, and ``tls_<reason>`` for a failed
+# handshake with the app on an intercepting route. Anything else would be a bug: "other".
+ERROR_LABELS = error_codes() | {f"tls_{reason}" for reason in HANDSHAKE_REASONS}
 
 
 def method_label(method: str) -> str:
@@ -124,9 +130,15 @@ class Metrics:
         )
 
     def request_done(
-        self, route: str, method: str, status: int, upstream_seconds: float | None
+        self,
+        route: str,
+        method: str,
+        status: int,
+        upstream_seconds: float | None,
+        error: str | None = None,
+        added_seconds: float | None = None,
     ) -> None:
-        self._stats.record(route, method, status, upstream_seconds)
+        self._stats.record(route, method, status, upstream_seconds, error, added_seconds)
 
     def bind(self, sidecar: Sidecar, clock: Callable[[], float] = time.time) -> None:
         """Add the gauges that are read from the sidecar's state at scrape time."""
@@ -138,29 +150,65 @@ class Metrics:
 
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# What the sidecar adds is usually well under a millisecond (a token wait is seconds at most:
+# tokens.wait, 3 s by default).
+ADDED_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 3.0, 10.0)
+
+
+def _observe(
+    histograms: dict[str, list[float]], buckets: tuple[float, ...], route: str, seconds: float
+) -> None:
+    values = histograms.get(route)
+    if values is None:
+        values = histograms[route] = [0] * (len(buckets) + 2)
+    values[bisect_left(buckets, seconds)] += 1
+    values[-1] += seconds
+
+
+def _histogram(
+    name: str, documentation: str, buckets: tuple[float, ...], histograms: dict[str, list[float]]
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, documentation, labels=["route"])
+    bounds = [*map(floatToGoString, buckets), "+Inf"]
+    for route, values in sorted(histograms.items()):
+        cumulative = list(accumulate(values[:-1]))
+        family.add_metric([route], list(zip(bounds, cumulative, strict=True)), sum_value=values[-1])
+    return family
 
 
 class _RequestStats(Collector):
-    """``sidecar_requests_total`` and ``sidecar_upstream_latency_seconds``, kept as plain
-    integers and exposed at scrape time: a request costs two dict lookups and a bisect, not
-    prometheus-client's lock per sample (bench/: ~3 µs per request). One thread (the event
-    loop) writes and scrapes them, so no lock is needed."""
+    """``sidecar_requests_total``, ``sidecar_request_errors_total`` and the upstream and added
+    latency histograms, kept as plain integers and exposed at scrape time: a request costs a
+    few dict lookups and two bisects, not prometheus-client's lock per sample (bench/: ~3 µs
+    per request). One thread (the event loop) writes and scrapes them, so no lock is needed."""
 
     def __init__(self) -> None:
         # (route, method label, status) -> count; statuses are folded to classes at scrape.
         self._counts: dict[tuple[str, str, int], int] = {}
+        # (route, error code) -> count of the requests the sidecar answered itself
+        self._errors: dict[tuple[str, str], int] = {}
         # route -> [count per bucket (the last is +Inf)..., sum]
         self._latency: dict[str, list[float]] = {}
+        self._added: dict[str, list[float]] = {}
 
-    def record(self, route: str, method: str, status: int, seconds: float | None) -> None:
+    def record(
+        self,
+        route: str,
+        method: str,
+        status: int,
+        seconds: float | None,
+        error: str | None = None,
+        added: float | None = None,
+    ) -> None:
         key = (route, method_label(method), status)
         self._counts[key] = self._counts.get(key, 0) + 1
         if seconds is not None:
-            latency = self._latency.get(route)
-            if latency is None:
-                latency = self._latency[route] = [0] * (len(LATENCY_BUCKETS) + 2)
-            latency[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-            latency[-1] += seconds
+            _observe(self._latency, LATENCY_BUCKETS, route, seconds)
+        if added is not None:
+            _observe(self._added, ADDED_BUCKETS, route, added)
+        if error is not None:
+            failed = (route, error if error in ERROR_LABELS else "other")
+            self._errors[failed] = self._errors.get(failed, 0) + 1
 
     def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
         requests = CounterMetricFamily(
@@ -175,18 +223,34 @@ class _RequestStats(Collector):
         for labels, total in sorted(totals.items()):
             requests.add_metric(list(labels), total)
         yield requests
-        latency = HistogramMetricFamily(
+        errors = CounterMetricFamily(
+            "sidecar_request_errors",
+            "Requests the sidecar answered with its own JSON error (or ended: app_gone, "
+            "tls_<reason>), by route and error code.",
+            labels=["route", "error"],
+        )
+        for (route, error), count in sorted(self._errors.items()):
+            errors.add_metric([route, error], count)
+        yield errors
+        yield _histogram(
             "sidecar_upstream_latency_seconds",
             "Time from sending a request upstream to its response headers.",
-            labels=["route"],
+            LATENCY_BUCKETS,
+            self._latency,
         )
-        bounds = [*map(floatToGoString, LATENCY_BUCKETS), "+Inf"]
-        for route, values in sorted(self._latency.items()):
-            cumulative = list(accumulate(values[:-1]))
-            latency.add_metric(
-                [route], list(zip(bounds, cumulative, strict=True)), sum_value=values[-1]
-            )
-        yield latency
+        yield _histogram(
+            "sidecar_added_latency_seconds",
+            "Time the sidecar added before the upstream's response headers: from the app's "
+            "request head to those headers, minus the upstream's time for the answer relayed "
+            "(token waits, connection-slot queueing, signing, a nonce or token retry's round "
+            "trip).",
+            ADDED_BUCKETS,
+            self._added,
+        )
+
+
+def _name(dest: Destination) -> str:
+    return dest.name
 
 
 class _StateCollector(Collector):
@@ -226,6 +290,25 @@ class _StateCollector(Collector):
         for route, state in sorted(sidecar.route_states().items()):
             routes.add_metric([route], 1.0 if state.ready else 0.0)
         yield routes
+        info = GaugeMetricFamily(
+            "sidecar_route_info",
+            "1 per configured route, naming its credential kind (dpop, bearer, aws_sigv4, "
+            "header; tunnel for a blind CONNECT route), its authorization server ('' for "
+            "none) and whether it intercepts https:// (join on route for per-kind views).",
+            labels=["route", "credential", "authorization_server", "intercept"],
+        )
+        snapshot = sidecar.snapshot
+        for dest in sorted(snapshot.config.destinations if snapshot else (), key=_name):
+            info.add_metric(
+                [
+                    dest.name,
+                    "tunnel" if dest.tunnel else dest.credential,
+                    dest.authorization_server if dest.has_server else "",
+                    "true" if dest.intercept else "false",
+                ],
+                1.0,
+            )
+        yield info
         svids = GaugeMetricFamily(
             "sidecar_svid_expiry_seconds",
             "Seconds until the SVID held expires, negative past it (x509: 0 until one arrives; "

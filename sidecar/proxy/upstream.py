@@ -320,7 +320,8 @@ class Forwarder:
                     )
                 except OriginError as exc:
                     raise _proxy_error(exc, route) from exc
-                exchange.upstream_seconds = time.perf_counter() - sent
+                exchange.answered = answered = time.perf_counter()
+                exchange.upstream_seconds = answered - sent
                 credential.learn(origin, resp)
                 if resp.status != 401 or attempt == 2 or not body.replayable:
                     break

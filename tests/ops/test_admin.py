@@ -118,6 +118,15 @@ async def test_metric_names_and_labels_match_the_documented_list(
     assert 'route="(unmatched)"' in text
     assert 'sidecar_requests_total{method="GET",route="saas",status_class="2xx"} 2.0' in text
     assert 'sidecar_token_requests_total{authorization_server="dev",outcome="ok"} 1.0' in text
+    # The sidecar's own refusal, by its error code; what it added, for the two it relayed.
+    assert [line for line in text.split("\n") if line.startswith("sidecar_request_errors")] == [
+        'sidecar_request_errors_total{error="destination_not_allowed",route="(unmatched)"} 1.0'
+    ]
+    assert 'sidecar_added_latency_seconds_count{route="saas"} 2.0' in text
+    assert (
+        'sidecar_route_info{authorization_server="dev",credential="dpop",intercept="false",'
+        'route="saas"} 1.0'
+    ) in text
     for token in stack.auth_server.issued_tokens:
         assert token.split(".")[1] not in text
 

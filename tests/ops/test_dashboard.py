@@ -158,6 +158,9 @@ def test_every_query_names_documented_metrics_and_their_labels() -> None:
         "sidecar_route_ready",
         "sidecar_config_reloads_total",
         "sidecar_intercept_handshakes_total",
+        "sidecar_request_errors_total",
+        "sidecar_added_latency_seconds",
+        "sidecar_route_info",
     } <= used
 
 

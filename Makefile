@@ -19,8 +19,12 @@ GO ?= $(or $(shell command -v go),/usr/local/go/bin/go)
 HELM_TOOL := tests/helm/tool
 HELM_VERSION := $(shell sed -n 's/^\thelm\.sh\/helm\/v3 \(v[0-9][0-9.]*\).*/\1/p' $(HELM_TOOL)/go.mod)
 HELM := $(INTEROP_CACHE)/helm-$(HELM_VERSION)/helm
+# Grafana's dashboard schema (the Grafana Foundation SDK) as a checker for the dashboard.
+DASHBOARD_SCHEMA_TOOL := tests/ops/dashboard_schema
+DASHBOARD_SCHEMA_VERSION := $(shell sed -n 's/^require github\.com\/grafana\/grafana-foundation-sdk\/go \(v[0-9][0-9.]*\).*/\1/p' $(DASHBOARD_SCHEMA_TOOL)/go.mod)
+DASHBOARD_SCHEMA := $(INTEROP_CACHE)/dashboard-schema-$(DASHBOARD_SCHEMA_VERSION)/dashboard-schema
 
-.PHONY: all demo serve test lint fmt check bench clean venv node helm k8s-examples keycloak spire interop-spire chaos promtool system-tools
+.PHONY: all demo serve test lint fmt check bench clean venv node helm dashboard-schema k8s-examples keycloak spire interop-spire chaos promtool system-tools
 
 all: test
 
@@ -67,6 +71,17 @@ helm:
 	  mv "$(HELM).tmp" "$(HELM)" || echo "helm could not be built: the chart tests will skip"; \
 	else echo "no Go toolchain: helm is not built and the chart tests will skip"; fi
 
+# The dashboard test checks k8s/monitoring's dashboard against Grafana's own schema with a
+# small Go program on the Grafana Foundation SDK (Apache-2.0), built once like helm.
+dashboard-schema:
+	@if [ -x "$(DASHBOARD_SCHEMA)" ]; then :; \
+	elif [ -x "$(GO)" ]; then \
+	  echo "building the dashboard schema check ($(DASHBOARD_SCHEMA_VERSION)) into $(DASHBOARD_SCHEMA) ..."; \
+	  mkdir -p "$(dir $(DASHBOARD_SCHEMA))" && cd $(DASHBOARD_SCHEMA_TOOL) && \
+	  "$(GO)" build -buildvcs=false -trimpath -o "$(DASHBOARD_SCHEMA).tmp" . && \
+	  mv "$(DASHBOARD_SCHEMA).tmp" "$(DASHBOARD_SCHEMA)" || echo "the dashboard schema check could not be built: its test will skip"; \
+	else echo "no Go toolchain: the dashboard schema check is not built and its test will skip"; fi
+
 # Debian packages some tests run as real tools: promtool (k8s/monitoring's alert rules; package
 # prometheus) and iptables + setpriv (transparent capture in network namespaces). Installed
 # when missing and root; otherwise those tests skip and say why.
@@ -89,7 +104,7 @@ demo: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/sidecar demo --serve
 
-test: $(STAMP) node keycloak system-tools helm
+test: $(STAMP) node keycloak system-tools helm dashboard-schema
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The end-to-end cases against a real SPIRE agent (tests/interop/spire, skipped by `make test`).

@@ -1,11 +1,14 @@
 """The Grafana dashboard (k8s/monitoring/grafana-dashboard.json) and its provisioning ConfigMap.
 
-Grafana's dashboard linter has no usable version here, so this is the fallback the issue names,
-plus the linter's rules that matter to us: every query names metrics (and labels) the sidecar
-exports, as docs/operations.md lists them and a running sidecar exposes them; every query goes
-through the datasource variable, filters by job, namespace and pod, and rates over
-``$__rate_interval``; every panel has a title, a description and a unit; promtool parses every
-query (when installed)."""
+Grafana's own schema checks its structure: tests/ops/dashboard_schema decodes it strictly with
+the Grafana Foundation SDK (every field known and well-typed, per panel type and for each
+Prometheus query) and runs the schema's validation (`make dashboard-schema` builds it from the
+Go module proxy). Grafana's dashboard linter has no usable version here, so its rules that
+matter to us are checked here, with the fallback the issue names: every query names metrics
+(and labels) the sidecar exports, as docs/operations.md lists them and a running sidecar
+exposes them; every query goes through the datasource variable, filters by job, namespace and
+pod, and rates over ``$__rate_interval``; every panel has a title, a description and a unit;
+promtool parses every query (when installed)."""
 
 from __future__ import annotations
 
@@ -23,12 +26,14 @@ import yaml
 from sidecar.devstack.stack import SAAS_HOST
 from sidecar.runtime import Sidecar
 from tests.conftest import AppClient
+from tests.interop.cache import cache_dir, missing
 from tests.ops.test_admin import admin_get, documented_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 MONITORING = ROOT / "k8s" / "monitoring"
 DASHBOARD = MONITORING / "grafana-dashboard.json"
 CONFIGMAP = MONITORING / "grafana-dashboard.yaml"
+SCHEMA_TOOL = ROOT / "tests" / "ops" / "dashboard_schema"
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 # Labels Prometheus adds to every scraped series (the PodMonitor's job, the pod's namespace/pod).
 TARGET_LABELS = {"job", "namespace", "pod"}
@@ -178,6 +183,57 @@ async def test_every_queried_metric_is_exposed_by_a_running_sidecar(
             metric = base_name(name, documented)
             assert metric in exposed, f"{where}: {metric} is not on /metrics"
             assert exposed[metric] == documented[metric][0], metric
+
+
+# -- Grafana's schema ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def dashboard_schema() -> Path:
+    found = re.search(
+        r"^require github\.com/grafana/grafana-foundation-sdk/go (v[0-9.]+)$",
+        (SCHEMA_TOOL / "go.mod").read_text(),
+        re.M,
+    )
+    assert found, "tests/ops/dashboard_schema/go.mod pins no SDK version"
+    binary = cache_dir() / f"dashboard-schema-{found.group(1)}" / "dashboard-schema"
+    if not binary.is_file():
+        missing(f"the dashboard schema check is not built at {binary}: run `make dashboard-schema`")
+    return binary
+
+
+def schema_check(tool: Path, *paths: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # noqa: S603 - our own checker, our files
+        [str(tool), *map(str, paths)], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_the_dashboard_matches_grafanas_schema(dashboard_schema: Path, tmp_path: Path) -> None:
+    done = schema_check(dashboard_schema, DASHBOARD)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip() == f"{DASHBOARD}: ok"
+    # The checker fails what Grafana's schema does not know: a misspelt panel field, a query
+    # without its expression, a wrongly typed grid position.
+    mutations = {
+        "field": lambda d: d["panels"][1].update(titel="x"),
+        "query": lambda d: d["panels"][1]["targets"][0].pop("expr"),
+        "type": lambda d: d["panels"][1]["gridPos"].update(h="8"),
+        "legend": lambda d: d["panels"][1]["options"]["legend"].pop("calcs"),
+    }
+    paths = []
+    for name, mutate in mutations.items():
+        mutated = dashboard()
+        mutate(mutated)
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(mutated))
+    done = schema_check(dashboard_schema, *paths)
+    assert done.returncode == 1
+    assert [line.split(":")[0] for line in done.stdout.splitlines() if ".json:" in line] == [
+        str(p) for p in paths
+    ]
+    assert "unexpected field 'titel'" in done.stdout
+    assert "expr: required field is missing" in done.stdout
+    assert "gridPos.h" in done.stdout
 
 
 # -- the linter's rules ----------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from sidecar.credentials.token_cache import TokenCache
 from sidecar.credentials.token_client import TokenClient
 from sidecar.errors import APP_GONE, ConfigError, Forbidden, ProxyError
 from sidecar.ops import logs as logs_module
-from sidecar.ops.admin import Admin
+from sidecar.ops.admin import Admin, local_endpoints
 from sidecar.ops.audit import Exchange
 from sidecar.ops.metrics import UNMATCHED, Metrics
 from sidecar.ops.readiness import Readiness, RouteReadiness, evaluate, route_readiness
@@ -224,7 +224,7 @@ class Sidecar:
         logs_module.set_audit(config.audit)
         listener = self.listener
         self.metrics.in_flight.set_function(lambda: listener.in_flight)  # read at scrape time
-        self.admin = Admin(self.readiness_state, self.metrics.exposition)
+        self.admin = Admin(local_endpoints(self.readiness_state, self.metrics.exposition))
         if config.admin is not None:
             self.admin_address = await self.admin.start(config.admin, reuse_port=self._reuse_port)
         servers = list(config.authorization_servers.values())

@@ -12,9 +12,11 @@ supervisor); the supervisor owns the pod's admin port and answers from all of th
 - ``/healthz``: alive only when every worker answers its own (a worker whose event loop is
   stuck fails the pod's liveness probe, as it would alone).
 
-The merging is pure; the I/O (a minimal HTTP/1.1 GET client and server on asyncio streams,
-no aiohttp: ``sidecar run`` does not depend on it) is kept small so it can move onto the
-project's own listener.
+The merging is pure. The pod's port is the same admin server a single process runs
+(:class:`~sidecar.ops.admin.Admin` on the project's listener: bounded heads, connections and
+timeouts, GET only, 400 for malformed requests; readiness texts only for loopback peers); only
+the answers differ. The workers are asked with a minimal HTTP/1.0 GET on asyncio streams, to
+their loopback ports, answers bounded.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 from sidecar.config import Address
+from sidecar.ops.admin import JSON, Admin, Answer
 from sidecar.ops.metrics import CONTENT_TYPE
 
 log = logging.getLogger("sidecar.admin")
@@ -39,7 +42,6 @@ log = logging.getLogger("sidecar.admin")
 SUMMED = frozenset({"counter", "histogram", "summary"})
 FETCH_TIMEOUT = 5.0  # seconds for one worker's answer (below the usual scrape timeout)
 MAX_ANSWER = 16 * 1024 * 1024  # bytes read from one worker's answer
-MAX_HEAD = 8 * 1024  # bytes of a request head on the pod's admin port
 
 
 @dataclass(frozen=True)
@@ -167,34 +169,25 @@ async def fetch(worker: str, address: Address | None, path: str) -> WorkerAnswer
 
 
 class PodAdmin:
-    """The supervisor's admin server: fans each request out to the workers' endpoints."""
+    """The supervisor's admin port: the admin server, answering from the workers' endpoints."""
 
     def __init__(self, workers: dict[str, Address | None]) -> None:
         self.workers = workers  # worker -> its admin address, once it reported it
-        self._server: asyncio.Server | None = None
-        self._detail = True  # problems in the workers' words: only on a loopback port
+        self._admin = Admin(self.answer)
 
     async def start(self, address: Address) -> Address:
-        self._detail = address.is_loopback
-
-        self._server = await asyncio.start_server(
-            self._serve, address.host, address.port, limit=MAX_HEAD
-        )
-        host, port = self._server.sockets[0].getsockname()[:2]
-        return Address(host, port)
+        return await self._admin.start(address)
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+        await self._admin.stop()
 
     async def _gather(self, path: str) -> list[WorkerAnswer]:
         return list(
             await asyncio.gather(*(fetch(w, a, path) for w, a in sorted(self.workers.items())))
         )
 
-    async def answer(self, path: str) -> tuple[int, str, bytes]:
-        """(status, content type, body) for a GET of ``path``."""
+    async def answer(self, path: str, peer_is_loopback: bool = True) -> Answer:
+        """(status, content type, body) for a GET of ``path`` (one of the admin PATHS)."""
         if path == "/metrics":
             answers = await self._gather("/metrics")
             texts = [
@@ -202,33 +195,8 @@ class PodAdmin:
             ]
             return 200, CONTENT_TYPE, merge_expositions(texts)
         if path == "/readyz":
-            status, doc = combine_readiness(await self._gather(path), detail=self._detail)
-            return status, "application/json", json.dumps(doc).encode()
-        if path == "/healthz":
-            status, doc = combine_health(await self._gather(path))
-            return status, "application/json", json.dumps(doc).encode()
-        return 404, "application/json", b'{"error": "not_found"}'
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(30):
-                head = await reader.readuntil(b"\r\n\r\n")
-            parts = head.split(b"\r\n", 1)[0].split()
-            if len(parts) != 3 or parts[0] not in (b"GET", b"HEAD"):
-                status, kind, body = 405, "application/json", b'{"error": "method_not_allowed"}'
-            else:
-                path = parts[1].decode("latin-1").split("?", 1)[0]
-                status, kind, body = await self.answer(path)
-            reason = {200: "OK", 404: "Not Found", 405: "Method Not Allowed"}.get(
-                status, "Service Unavailable"
-            )
-            writer.write(
-                f"HTTP/1.1 {status} {reason}\r\nContent-Type: {kind}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                + (body if parts[0] != b"HEAD" else b"")
-            )
-            await writer.drain()
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-            pass  # a probe that went away or sent garbage: nothing to answer
-        finally:
-            writer.close()
+            answers = await self._gather(path)
+            status, doc = combine_readiness(answers, detail=peer_is_loopback)
+            return status, JSON, json.dumps(doc).encode()
+        status, doc = combine_health(await self._gather("/healthz"))
+        return status, JSON, json.dumps(doc).encode()

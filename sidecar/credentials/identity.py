@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cryptography.hazmat.primitives import hashes, serialization
-from spiffe import WorkloadApiClient
 from spiffe.errors import ArgumentError, PySpiffeError
 
+from sidecar.credentials.workload_api import WorkloadApiClient
 from sidecar.errors import IdentityUnavailable
 from sidecar.secret import Secret
 from sidecar.tasks import Background, SingleFlight

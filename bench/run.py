@@ -15,6 +15,10 @@ Configurations (interleaved, repeated, medians and ranges reported):
                 (interception), the same DPoP route. wrk cannot send CONNECT and TLS inside
                 it, so this cell is always driven by ``bench.load`` (Python, ``--cafile``):
                 compare it with (d) under ``--python-load``, not with wrk's numbers
+  t  dpop otel  (d) with OpenTelemetry traces on at the default sampler (parent-based always-on:
+                a span per request), exported by the SDK's batch thread over OTLP/HTTP to a
+                loopback sink this process runs (its CPU is not the sidecar's; the export
+                thread's is). Needs the ``otel`` extra: skipped, saying so, without it
   r  aiohttp    reference: a straightforward aiohttp server + client proxy adding a static
                 header (``bench/aiohttp_proxy.py``), the yardstick for a Python proxy
 
@@ -31,6 +35,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gzip
+import importlib.util
 import json
 import os
 import platform
@@ -61,6 +67,12 @@ TARGETS = {  # issue 7: what "good" means, per configuration
     "bearer": ("cpu_us", 45.0),
     "dpop": ("cpu_us", 100.0),
 }
+# What configuration (t) needs in this interpreter (the sidecar runs with sys.executable).
+OTEL_MODULES = (
+    "opentelemetry.sdk.trace",
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.proto.collector.trace.v1.trace_service_pb2",
+)
 STS_ANSWER = """<AssumeRoleWithWebIdentityResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
 <AssumeRoleWithWebIdentityResult><AssumedRoleUser>
 <Arn>arn:aws:sts::123456789012:assumed-role/bench/bench</Arn></AssumedRoleUser><Credentials>
@@ -93,10 +105,13 @@ def process_tree(pid: int) -> list[int]:
     return pids
 
 
-def cpu_seconds(pids: list[int]) -> float:
+def cpu_seconds(pids: list[int], *, main_thread: bool = False) -> float:
+    """utime + stime of the processes (every thread), or of their main threads only (the
+    event loop's, in the sidecar: other threads are gRPC's and the span exporter's)."""
     total = 0
     for pid in pids:
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+        stat = f"/proc/{pid}/task/{pid}/stat" if main_thread else f"/proc/{pid}/stat"
+        with contextlib.suppress(OSError), open(stat) as f:
             fields = f.read().rpartition(")")[2].split()
             total += int(fields[11]) + int(fields[12])  # utime + stime
     return total / CLK_TCK
@@ -258,6 +273,7 @@ class Proxy:
     ready_ms: float | None = None
     stop: Any = lambda: None
     cafile: str | None = None  # intercepted: the app calls https:// trusting this pod CA
+    spans: Any = None  # () -> spans its traces sink received; None: traces off
 
 
 @contextlib.asynccontextmanager
@@ -281,6 +297,67 @@ async def bench_sts(stack: DevStack) -> AsyncIterator[tuple[str, list[str]]]:
         yield f"https://127.0.0.1:{runner.addresses[0][1]}/", calls
     finally:
         await runner.cleanup()
+
+
+def tracing_missing() -> str | None:
+    """Why configuration (t) cannot run here, or None when OpenTelemetry is installed."""
+    for module in OTEL_MODULES:
+        try:
+            found = importlib.util.find_spec(module)
+        except ModuleNotFoundError:
+            found = None
+        if found is None:
+            return f"{module} is not installed (pip install -e '.[otel]')"
+    return None
+
+
+@dataclass
+class OtlpSink:
+    endpoint: str = ""
+    spans: int = 0
+    exports: int = 0
+
+
+@contextlib.asynccontextmanager
+async def otlp_sink() -> AsyncIterator[OtlpSink]:
+    """A trace collector stand-in on loopback: ``POST /v1/traces`` (OTLP/HTTP, protobuf) is
+    answered 200 with an empty ExportTraceServiceResponse and its spans are counted. It runs in
+    this process, outside the sidecar's process tree: its CPU is not counted as the sidecar's."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    sink = OtlpSink()
+
+    async def handle(request: web.BaseRequest) -> web.Response:
+        if request.method != "POST" or request.path != "/v1/traces":
+            return web.Response(status=404)
+        body = await request.read()
+        if request.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        export = ExportTraceServiceRequest.FromString(body)
+        sink.spans += sum(len(s.spans) for r in export.resource_spans for s in r.scope_spans)
+        sink.exports += 1
+        # An ExportTraceServiceResponse with no field set serialises to no bytes.
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    runner = web.ServerRunner(web.Server(handle, access_log=None))  # 512 spans: ~150 KB < 1 MiB
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    sink.endpoint = f"http://127.0.0.1:{runner.addresses[0][1]}/v1/traces"
+    try:
+        yield sink
+    finally:
+        await runner.cleanup()
+
+
+def sidecar_env(traces: str | None) -> dict[str, str]:
+    """The sidecar's environment: this one without OTEL_* (every cell measures the defaults),
+    and with traces on, the SDK's defaults exporting to ``traces``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    if traces:
+        env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = traces
+    return env
 
 
 def sigv4_config(stack: DevStack, sts_url: str, origin: Origin, **top: Any) -> dict[str, Any]:
@@ -316,6 +393,7 @@ async def sidecar_proxy(
     workers: int,
     sigv4: bool = False,
     intercept: bool = False,
+    traced: bool = False,
 ) -> AsyncIterator[Proxy]:
     tls = stack.ca.issue_server("localhost", "127.0.0.1")
     as_tls = tls.server_context(client_ca_pem=stack.trust_domain.x509_bundle_pem)
@@ -328,6 +406,7 @@ async def sidecar_proxy(
             issue_bearer=not dpop,
         ) as auth,
         bench_sts(stack) as (sts_url, sts_calls),
+        otlp_sink() if traced else contextlib.nullcontext() as sink,
     ):
         listen, admin = _free_port(), _free_port()
         trust = work / f"trust-{name}"
@@ -370,6 +449,7 @@ async def sidecar_proxy(
                 str(workers),
             ],
             stderr=log_file,
+            env=sidecar_env(sink.endpoint if sink else None),
         )
         try:
             try:
@@ -385,6 +465,7 @@ async def sidecar_proxy(
                 token_requests=lambda: len(sts_calls if sigv4 else auth.token_requests),
                 ready_ms=(ready - started) * 1000,
                 cafile=str(trust / "ca.pem") if intercept else None,
+                spans=(lambda: sink.spans) if sink else None,
             )
             # Warm the token cache (and, with workers, every worker's: keep asking a while).
             async with aiohttp.ClientSession() as session:
@@ -516,15 +597,18 @@ async def generate(
             command += ["--proxy", f"http://{proxy.address}"]
     pids = proxy.pids()
     cpu_before = cpu_seconds(pids)
+    loop_before = cpu_seconds(pids, main_thread=True)
     origin_before = cpu_seconds(origin.pids()) if origin.pids else None
     loader_before = _children_cpu()
     tokens_before = proxy.token_requests()
+    spans_before = proxy.spans() if proxy.spans else None
     process = await asyncio.create_subprocess_exec(
         *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env=env, cwd=HERE.parent,
     )  # fmt: skip
     out, err = await asyncio.wait_for(process.communicate(), duration + 60)
     cpu = cpu_seconds(proxy.pids()) - cpu_before
+    loop = cpu_seconds(proxy.pids(), main_thread=True) - loop_before
     loader_cpu = _children_cpu() - loader_before  # the load generator, a waited-for child
     origin_cpu = cpu_seconds(origin.pids()) - origin_before if origin_before is not None else None
     lines = out.decode().splitlines()
@@ -541,9 +625,12 @@ async def generate(
     result.update(
         rps=rps,
         cpu_us=(cpu * 1e6 / result["requests"]) if proxy.address and result["requests"] else None,
+        loop_us=(loop * 1e6 / result["requests"]) if proxy.address and result["requests"] else None,
         vcpu_per_krps=(cpu / seconds) / (rps / 1000) if proxy.address and rps else None,
         rss_mb=peak_rss_mb(proxy.pids()) if proxy.address else None,
         token_requests=proxy.token_requests() - tokens_before,
+        # Exported while the cell ran (the batch thread sends up to 512 spans at a time).
+        spans=proxy.spans() - spans_before if spans_before is not None else None,
         # What the rest of the machine spends per request (for the --workers ceiling).
         others_us=(loader_cpu + origin_cpu) * 1e6 / result["requests"]
         if origin_cpu is not None and result["requests"] and wrk
@@ -661,6 +748,30 @@ def report(
                     f"{name}: {value - floor_cpu:.0f} µs per request above the bare forwarder "
                     f"({floor_cpu:.0f} µs): {what}."
                 )
+    on, off = samples.get(("dpopotel", "saturation")), samples.get(("dpop", "saturation"))
+    if on and off and on.median("cpu_us") and off.median("cpu_us"):
+        cpu_on, cpu_off = on.median("cpu_us"), off.median("cpu_us")
+        line = (
+            f"traces on (t): {cpu_on - cpu_off:+.0f} µs per request over (d) "
+            f"({cpu_on / cpu_off:.2f}×) saturated"
+        )
+        loop_on, loop_off = on.median("loop_us"), off.median("loop_us")
+        if loop_on and loop_off:
+            line += (
+                f" ({loop_on - loop_off:+.0f} µs on the event loop's thread, "
+                f"{cpu_on - cpu_off - (loop_on - loop_off):+.0f} µs in the others: the exporter's)"
+            )
+        paced_on, paced_off = samples.get(("dpopotel", "paced")), samples.get(("dpop", "paced"))
+        if paced_on and paced_off and paced_on.median("cpu_us") and paced_off.median("cpu_us"):
+            line += f", {paced_on.median('cpu_us') - paced_off.median('cpu_us'):+.0f} µs paced"
+        if on.median("rss_mb") and off.median("rss_mb"):
+            line += f"; peak RSS {on.median('rss_mb'):.0f} MB against {off.median('rss_mb'):.0f} MB"
+        traced = [on] + ([paced_on] if paced_on else [])
+        spans = sum(sum(s.values("spans")) for s in traced)
+        requests = sum(sum(s.values("requests")) for s in traced)
+        if requests:
+            line += f"; the sink received {spans:.0f} spans during {requests:.0f} requests"
+        lines.append(line + ".")
     lines += ["", "Targets (issue 7):", ""]
     scale = (ref_cpu / REFERENCE_AIOHTTP_US) if ref_cpu else None
     if scale:
@@ -727,8 +838,14 @@ async def bench(args: argparse.Namespace) -> str:
                 ("sigv4", "(s) sidecar, AWS SigV4 signature per request", False, 1, False),
                 ("dpoptls", "(g) sidecar, DPoP, app calls https:// (intercepted; Python loader)",
                  True, 1, True),
+                ("dpopotel", "(t) sidecar, DPoP, traces on (default sampler, OTLP/HTTP)",
+                 True, 1, False),
             ):  # fmt: skip
                 if args.only and name not in args.only:
+                    continue
+                missing = tracing_missing() if name == "dpopotel" else None
+                if missing:
+                    print(f"{name} skipped: {missing}", flush=True)
                     continue
                 proxies.append(
                     await stack_exit.enter_async_context(
@@ -742,6 +859,7 @@ async def bench(args: argparse.Namespace) -> str:
                             workers=workers,
                             sigv4=name == "sigv4",
                             intercept=intercept,
+                            traced=name == "dpopotel",
                         )
                     )
                 )
@@ -800,7 +918,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per cell")
     parser.add_argument("--budget", type=float, default=480.0, help="stop starting rounds after")
     parser.add_argument(
-        "--only", nargs="*", help="sidecar configurations: bearer dpop dpop2 sigv4 dpoptls"
+        "--only", nargs="*", help="sidecar configurations: bearer dpop dpop2 sigv4 dpoptls dpopotel"
     )
     parser.add_argument("--python-load", action="store_true", help="use bench.load, not wrk")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where to write results")

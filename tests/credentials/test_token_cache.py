@@ -378,4 +378,5 @@ def test_the_lru_drops_the_least_recently_used_and_a_get_marks_use() -> None:
     lru["a"] = 4  # setting marks use as well
     lru["d"] = 5
     assert list(lru) == ["a", "d"]
-    assert lru.get("zz") is None and lru.get("zz", 0) == 0
+    assert lru.get("zz") is None
+    assert lru.get("zz", 0) == 0

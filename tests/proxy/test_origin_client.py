@@ -310,11 +310,14 @@ def test_origins_hash_by_value_as_pool_keys() -> None:
 
     context = ssl_module.create_default_context()
     a, b = Origin("api.example", 443, context, False), Origin("api.example", 443, context, False)
-    assert a == b and hash(a) == hash(b) and {a: 1}[b] == 1
+    assert a == b
+    assert hash(a) == hash(b)
+    assert {a: 1}[b] == 1
     others = [
         Origin("api.example", 8443, context, False),
         Origin("api.example", 443, ssl_module.create_default_context(), False),
         Origin("api.example", 443, context, True),
         Origin("api.example", 443, context, False, absolute=True),
     ]
-    assert all(o != a for o in others) and len({a, *others}) == 5
+    assert all(o != a for o in others)
+    assert len({a, *others}) == 5

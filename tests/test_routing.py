@@ -419,3 +419,30 @@ def test_valid_host_memoises_answers_but_never_a_refusal() -> None:
     for _ in range(2):  # a refusal is raised every time, not remembered as an answer
         with pytest.raises(BadRequest):
             valid_host("bad_host.example")
+
+
+def test_split_authority_memoises_answers_but_never_a_refusal() -> None:
+    from sidecar.errors import BadRequest
+    from sidecar.routing import split_authority
+
+    assert split_authority.cache_info().maxsize == 1024  # bounded: app-controlled keys
+    assert split_authority("API.Example:8443", 80) == ("api.example", 8443)
+    assert split_authority("API.Example:8443", 80) == ("api.example", 8443)
+    assert split_authority("api.example", 80) == ("api.example", 80)
+    assert split_authority("api.example", 443) == ("api.example", 443)  # the default differs
+    for bad in ("api.example:0", "api.example:99999", "[::1%eth0]:80", "bad_host.example"):
+        for _ in range(2):  # a refusal is raised every time, not remembered as an answer
+            with pytest.raises(BadRequest):
+                split_authority(bad, 80)
+
+
+@pytest.mark.parametrize("char", [".", "%", "\\", ";"])
+def test_each_path_suspect_character_is_still_checked(char: str) -> None:
+    # The fast path skips path_problem only for paths with none of these characters.
+    from sidecar.errors import BadRequest
+
+    t = table(RULES, default=["d"])
+    dotted = {".": "/v1/./x", "%": "/v1/%2e%2e/x", "\\": "/v1\\..\\x", ";": "/v1/..;/x"}[char]
+    with pytest.raises(BadRequest):
+        t.resolve("GET", f"http://api.example{dotted}")
+    assert t.resolve("GET", "http://api.example/v1/x").target.path == "/v1/x"

@@ -149,7 +149,9 @@ class Credentials:
     def _identity_now(self, route: Route) -> tuple[str, str | None] | None:
         """(SPIFFE ID, certificate fingerprint) a token for ``route`` depends on, if already
         known: mTLS-bound tokens change with the X.509-SVID, the others with the SPIFFE ID."""
-        if _server(route).client_auth == "mtls":
+        server = route.server  # _server(route), inlined: on every request
+        assert server is not None, f"route {route.name} has no authorization server"
+        if server.client_auth == "mtls":
             svid = self.identity.x509
             return None if svid is None else (svid.spiffe_id, svid.fingerprint)
         spiffe_id = self.identity.spiffe_id
@@ -174,7 +176,11 @@ class Credentials:
         identity = self._identity_now(route)
         if identity is None:
             return None
-        key, fetch = self._key(route, scopes, jkt, *identity)
+        found = self._keys.get((id(route), scopes, *identity))  # _key's hit, inlined
+        if found is not None and found[0] is route:
+            key, fetch = found[1], found[2]
+        else:
+            key, fetch = self._key(route, scopes, jkt, *identity)
         token = self.cache.fresh(key, fetch)
         return None if token is None else (key, token)
 

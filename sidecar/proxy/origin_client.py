@@ -129,6 +129,14 @@ class Origin:
     # request, which in a cluster could otherwise reach <name>.<namespace>.svc.cluster.local.
     absolute: bool = False
 
+    def __post_init__(self) -> None:
+        # The pool's key, looked up twice per request: hashed once (equality is unchanged).
+        fields = (self.host, self.port, self.ssl, self.allow_private, self.absolute)
+        object.__setattr__(self, "_hash", hash(fields))
+
+    def __hash__(self) -> int:
+        return self._hash  # type: ignore[attr-defined, no-any-return]
+
     @property
     def lookup_name(self) -> str:
         host = self.host
@@ -297,7 +305,10 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_pairs.append((name, value))
-        self._count(len(name) + len(value) + 4)
+        # _count inlined: called for every header of every answer.
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise OriginBroken("the origin's status line and headers are too large")
 
     def _count(self, size: int) -> None:
         self._head_bytes += size

@@ -91,6 +91,9 @@ class _Upstream:
     drop_overrides: frozenset[str]  # and the method/URL overrides (method_override: strip)
     timeouts: Timeouts | None  # None: the route has a total timeout, set per request
     slots: Slots  # at most max_connections requests in flight to the route's upstream
+    # A refusal to check per request (app_credentials: refuse, or a private IP literal the
+    # route does not allow): False on the usual route, which then checks nothing.
+    checks: bool
 
 
 def _prepare(
@@ -132,6 +135,7 @@ def _prepare(
         drop_overrides=drop | OVERRIDE_HEADERS,
         timeouts=timeouts,
         slots=slots,
+        checks=dest.app_credentials == "refuse" or (private_literal and not dest.allow_private),
     )
 
 
@@ -250,33 +254,23 @@ class Forwarder:
         self, request: Request, reply: Reply, resolved: Resolved, exchange: Exchange
     ) -> None:
         route, target, scopes = resolved.route, resolved.target, resolved.scopes
-        dest = route.destination
         up = self._upstream(route, target)
         credential = up.credential
-        if dest.app_credentials == "refuse" and has_app_credentials(
-            request.headers, credential.strips
-        ):
-            given = sorted({n for n, _ in request.headers if n.lower() in credential.strips})
-            raise BadRequest(
-                "this route refuses requests that carry their own credential header "
-                f"({', '.join(given)}: the sidecar supplies it); remove it from the app",
-                route=route.name,
-            )
-        if up.private_literal and not dest.allow_private:
-            # Refused before a token is fetched or a body read; the pool would refuse it too.
-            raise Forbidden(
-                f"upstream {up.origin.host} is a loopback or link-local address; refused "
-                "(set allow_private: true on the route if this is intended)",
-                route=route.name,
-            )
+        if up.checks:
+            _refuse(request, route, up)
         # The request line and the app's headers: llhttp has checked they hold no line break.
         path, query = target.path, target.query
         kept = forwarded(
             request.headers, up.drop_overrides if resolved.strip_overrides else up.drop
         )
-        head = f"{request.method} {path}{'?' + query if query else ''} HTTP/1.1\r\n"
-        head += up.static_lines + "".join([f"{n}: {v}\r\n" for n, v in kept])
-        if not request.body_exists:
+        method = request.method
+        # One string; the header lines by C-level formatting of the (name, value) pairs.
+        head = (
+            f"{method} {path}?{query} HTTP/1.1\r\n{up.static_lines}"
+            if query
+            else f"{method} {path} HTTP/1.1\r\n{up.static_lines}"
+        ) + "".join(map(_LINE.__mod__, kept))
+        if not request.chunked and not request.content_length:  # not request.body_exists
             body = _EMPTY_BODY if request.content_length == 0 else _NO_BODY
         else:
             body = await self._body(request)
@@ -296,7 +290,7 @@ class Forwarder:
         slots = up.slots
         timeouts = up.timeouts
         if timeouts is None or not slots.take_now():
-            timeouts = await self._wait_for_slot(request, slots, dest, timeouts)
+            timeouts = await self._wait_for_slot(request, slots, route.destination, timeouts)
         try:
             origin = up.htu_prefix
             for attempt in (1, 2):
@@ -305,16 +299,14 @@ class Forwarder:
                     # reach the API twice because this copy waited in the queue).
                     raise AppGone("the app closed the connection")
                 exchange.token = credential.reference(held)
-                lines = credential.header_lines(
-                    held, request.method, origin, path, query, kept, digest
-                )
+                lines = credential.header_lines(held, method, origin, path, query, kept, digest)
                 sent = time.perf_counter()
                 try:
                     resp = await self._pool.send(
                         up.origin,
-                        request.method,
+                        method,
                         (head + lines).encode("utf-8", "surrogateescape"),
-                        body.payload(),
+                        body.data if body.stream is None else body.stream.chunks(),  # payload()
                         body.length,
                         timeouts,
                     )
@@ -405,6 +397,30 @@ class Forwarder:
             await reply.end()
         finally:
             resp.release()
+
+
+_LINE = "%s: %s\r\n"  # a header line from a (name, value) pair
+
+
+def _refuse(request: Request, route: Route, up: _Upstream) -> None:
+    """The refusals a route may check per request (``_Upstream.checks``), before a token is
+    fetched or a body read."""
+    dest = route.destination
+    strips = up.credential.strips
+    if dest.app_credentials == "refuse" and has_app_credentials(request.headers, strips):
+        given = sorted({n for n, _ in request.headers if n.lower() in strips})
+        raise BadRequest(
+            "this route refuses requests that carry their own credential header "
+            f"({', '.join(given)}: the sidecar supplies it); remove it from the app",
+            route=route.name,
+        )
+    if up.private_literal and not dest.allow_private:
+        # The pool would refuse it too.
+        raise Forbidden(
+            f"upstream {up.origin.host} is a loopback or link-local address; refused "
+            "(set allow_private: true on the route if this is intended)",
+            route=route.name,
+        )
 
 
 async def _discard(resp: Response) -> None:

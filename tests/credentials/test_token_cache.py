@@ -365,3 +365,18 @@ async def test_a_fetch_that_ends_as_tokens_wait_ends_gives_its_own_outcome(
         with pytest.raises(TokenRejected):
             await cache.lookup(KEY, source)
     assert source.calls == 1
+
+
+def test_the_lru_drops_the_least_recently_used_and_a_get_marks_use() -> None:
+    from sidecar.credentials.token_cache import _Lru
+
+    lru: _Lru[str, int] = _Lru(2)
+    lru["a"], lru["b"] = 1, 2
+    assert lru.get("a") == 1  # "a" is now the most recently used
+    lru["c"] = 3
+    assert list(lru) == ["a", "c"]  # "b" went
+    lru["a"] = 4  # setting marks use as well
+    lru["d"] = 5
+    assert list(lru) == ["a", "d"]
+    assert lru.get("zz") is None
+    assert lru.get("zz", 0) == 0

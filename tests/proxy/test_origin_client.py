@@ -300,3 +300,24 @@ async def test_loopback_is_refused_unless_allowed(ca: DevCA, scripted: Start) ->
     with pytest.raises(OriginRefused, match="allow_private"):
         await Pool().request(guarded, "GET", "/x", [], None, None, TIMEOUTS)
     assert origin.connections == 0
+
+
+def test_origins_hash_by_value_as_pool_keys() -> None:
+    # Origin hashes once at construction: equal origins are one pool key, different ones not.
+    import ssl as ssl_module
+
+    from sidecar.proxy.origin_client import Origin
+
+    context = ssl_module.create_default_context()
+    a, b = Origin("api.example", 443, context, False), Origin("api.example", 443, context, False)
+    assert a == b
+    assert hash(a) == hash(b)
+    assert {a: 1}[b] == 1
+    others = [
+        Origin("api.example", 8443, context, False),
+        Origin("api.example", 443, ssl_module.create_default_context(), False),
+        Origin("api.example", 443, context, True),
+        Origin("api.example", 443, context, False, absolute=True),
+    ]
+    assert all(o != a for o in others)
+    assert len({a, *others}) == 5

@@ -117,10 +117,9 @@ class Credentials:
         scopes: tuple[str, ...],
         jkt: str | None,
         spiffe_id: str,
-        x509: str | None,
     ) -> tuple[TokenKey, Fetch]:
         # jkt is not in it: a route's kind, hence its jkt, is fixed for the Route object.
-        cache_key = (id(route), scopes, spiffe_id, x509)
+        cache_key = (id(route), scopes, spiffe_id)
         cached = self._keys.get(cache_key)
         if cached is not None and cached[0] is route:
             return cached[1], cached[2]
@@ -134,7 +133,6 @@ class Credentials:
             audience=dest.audience,
             scopes=tuple(sorted(set(scopes))),  # one token per scope *set*
             jkt=jkt,  # the DPoP key a token is bound to (RFC 9449 §6): part of what shapes it
-            x509=x509,
         )
         client = self.client
 
@@ -146,41 +144,45 @@ class Credentials:
         self._keys[cache_key] = (route, key, fetch)
         return key, fetch
 
-    def _identity_now(self, route: Route) -> tuple[str, str | None] | None:
-        """(SPIFFE ID, certificate fingerprint) a token for ``route`` depends on, if already
-        known: mTLS-bound tokens change with the X.509-SVID, the others with the SPIFFE ID."""
+    def _identity_now(self, route: Route) -> str | None:
+        """The SPIFFE ID a token for ``route`` is for, if usable now. For ``mtls`` client
+        auth only while the X.509-SVID that authenticates us is valid: past its notAfter no
+        token is served on those routes (fail closed, as readiness says).
+
+        The certificate is not part of the key: tokens are bound to the DPoP key (or are
+        Bearer), never to the certificate, which this sidecar presents only to the AS. An
+        X.509-SVID rotation therefore costs no token request and makes no request wait; the
+        next renewal authenticates with the new certificate."""
         server = route.server  # _server(route), inlined: on every request
         assert server is not None, f"route {route.name} has no authorization server"
         if server.client_auth == "mtls":
             svid = self.identity.x509
-            return None if svid is None else (svid.spiffe_id, svid.fingerprint)
-        spiffe_id = self.identity.spiffe_id
-        return None if spiffe_id is None else (spiffe_id, None)
+            return None if svid is None else svid.spiffe_id
+        return self.identity.spiffe_id
 
-    async def _identity(self, route: Route) -> tuple[str, str | None]:
+    async def _identity(self, route: Route) -> str:
         known = self._identity_now(route)
         if known is not None:
             return known
         server = _server(route)
         if server.client_auth == "mtls":
-            svid = await self.identity.x509_svid()
-            return svid.spiffe_id, svid.fingerprint
+            return (await self.identity.x509_svid()).spiffe_id
         # First request before any SVID was seen: learn our SPIFFE ID.
-        return (await self.identity.jwt_svid(server.jwt_svid_audience)).spiffe_id, None
+        return (await self.identity.jwt_svid(server.jwt_svid_audience)).spiffe_id
 
     def cached(
         self, route: Route, scopes: tuple[str, ...], jkt: str | None
     ) -> tuple[TokenKey, AccessToken] | None:
         """The token for a request when the cache has a usable one now (no await), else None:
         then :meth:`lookup`. The data path's usual case."""
-        identity = self._identity_now(route)
-        if identity is None:
+        spiffe_id = self._identity_now(route)
+        if spiffe_id is None:
             return None
-        found = self._keys.get((id(route), scopes, *identity))  # _key's hit, inlined
+        found = self._keys.get((id(route), scopes, spiffe_id))  # _key's hit, inlined
         if found is not None and found[0] is route:
             key, fetch = found[1], found[2]
         else:
-            key, fetch = self._key(route, scopes, jkt, *identity)
+            key, fetch = self._key(route, scopes, jkt, spiffe_id)
         token = self.cache.fresh(key, fetch)
         return None if token is None else (key, token)
 
@@ -195,7 +197,7 @@ class Credentials:
         self, route: Route, scopes: tuple[str, ...], jkt: str | None
     ) -> tuple[TokenKey, AccessToken, bool]:
         """The token for a request, and whether the cache had it."""
-        key, fetch = self._key(route, scopes, jkt, *await self._identity(route))
+        key, fetch = self._key(route, scopes, jkt, await self._identity(route))
         token, hit = await self.cache.lookup(key, fetch)
         return key, token, hit
 

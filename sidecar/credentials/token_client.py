@@ -35,7 +35,7 @@ import jwt
 
 from sidecar.config import AuthorizationServer
 from sidecar.credentials.dpop import DpopKey, NonceStore, access_token_hash
-from sidecar.credentials.identity import JwtSvid, WorkloadIdentity
+from sidecar.credentials.identity import JwtSvid, WorkloadIdentity, X509Material
 from sidecar.errors import ProxyError, Scrubber, TokenRejected, TokenUnavailable, registered_error
 from sidecar.ops.audit import token_reference
 from sidecar.secret import Secret
@@ -71,7 +71,6 @@ class TokenKey:
     audience: str | None
     scopes: tuple[str, ...]
     jkt: str | None  # DPoP key thumbprint; None for Bearer routes
-    x509: str | None = None  # certificate fingerprint, for mTLS-bound tokens
 
 
 @dataclass(frozen=True)
@@ -448,6 +447,16 @@ class TokenClient:
         self._secrets: dict[Path, tuple[tuple[int, int, int], Secret]] = {}
         self._mtls: dict[tuple[Path | None, str], ssl.SSLContext] = {}
         self._tracing: Tracing | None = None
+        identity.on_x509_rotation(self._x509_rotated)
+
+    def _x509_rotated(self, svid: X509Material) -> None:
+        """A new X.509-SVID: connections presenting the old one close now. Tokens are not
+        fetched again on a rotation (they are not bound to the certificate), so this cannot
+        wait for the next token request, which builds the new context."""
+        for cache_key, context in list(self._mtls.items()):
+            if cache_key[1] != svid.fingerprint:
+                del self._mtls[cache_key]
+                self._transport.drop(context)
 
     async def close(self) -> None:
         await self._transport.close()

@@ -121,16 +121,29 @@ async def test_jwt_bearer_grant_uses_the_svid_as_assertion(stack_with: Any) -> N
 async def test_mtls_client_auth_and_x509_rotation_without_a_failed_request(
     stack: DevStack,
 ) -> None:
+    """A rotation neither fails nor holds a request, and costs no token request: the token is
+    bound to the DPoP key, not to the certificate. The next renewal presents the new one."""
+    clock = ManualClock()
     server = {"client_auth": "mtls"}
-    async with running_sidecar(stack, authorization_server=server) as sidecar:
+    async with running_sidecar(stack, clock=clock, authorization_server=server) as sidecar:
         rotated = asyncio.Event()
         sidecar.identity.on_x509_rotation(lambda _: rotated.set())
         async with AppClient(sidecar) as app:
             first = await asyncio.gather(*(app.request("GET", URL) for _ in range(10)))
+            token = _jti(stack)
             old = stack.workload_api.x509_svid
             new = stack.workload_api.rotate_x509()
             await asyncio.wait_for(rotated.wait(), 10)
             second = await asyncio.gather(*(app.request("GET", URL) for _ in range(10)))
+            assert len(stack.auth_server.token_requests) == 1  # nothing fetched on rotation
+            assert _jti(stack) == token  # the token held was served, no request waited
+            clock.advance(250)  # past the refresh point of a 300 s token, before its expiry
+            assert (await app.request("GET", URL))[0] == 200  # starts the renewal
+            await sidecar.credentials.cache.settle()
+            assert (await app.request("GET", URL))[0] == 200
+            assert _jti(stack) != token
+            # With the orphaned old-certificate key gone, the timer renews nothing else.
+            assert len(sidecar.credentials.cache) == 1
     assert [s for s, _, _ in first + second] == [200] * 20
     records = stack.auth_server.token_requests
     assert [(r.auth_method, r.client_id) for r in records] == [

@@ -151,7 +151,9 @@ async def test_a_redirect_from_the_token_endpoint_is_not_followed(stack: DevStac
 async def test_after_an_svid_rotation_no_connection_with_the_old_certificate_is_kept(
     stack: DevStack,
 ) -> None:
-    async with running_sidecar(stack, authorization_server={"client_auth": "mtls"}) as sidecar:
+    clock = ManualClock()
+    server = {"client_auth": "mtls"}
+    async with running_sidecar(stack, clock=clock, authorization_server=server) as sidecar:
         rotated = asyncio.Event()
         sidecar.identity.on_x509_rotation(lambda _: rotated.set())
         async with AppClient(sidecar) as app:
@@ -163,7 +165,16 @@ async def test_after_an_svid_rotation_no_connection_with_the_old_certificate_is_
             assert first <= before  # its connection was kept alive (discovery has its own)
             stack.workload_api.rotate_x509()
             await asyncio.wait_for(rotated.wait(), 10)
+            # At once, with no token request: the rotation fetches none (tokens are not bound
+            # to the certificate), so the old connections must not wait for the next one.
+            pooled = {origin.ssl for origin, idle in pool._idle.items() if idle}
+            assert not (pooled & first), "a connection presenting the old certificate is pooled"
+            assert sidecar.token_client._mtls == {}
             assert (await app.request("GET", URL))[0] == 200
+            assert len(stack.auth_server.token_requests) == 1
+            clock.advance(250)  # past the refresh point of a 300 s token: the next renewal
+            assert (await app.request("GET", URL))[0] == 200
+            await sidecar.credentials.cache.settle()
         after = {origin.ssl for origin, idle in pool._idle.items() if idle}
         second = set(sidecar.token_client._mtls.values())
         assert second

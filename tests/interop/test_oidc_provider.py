@@ -18,7 +18,13 @@ import pytest
 
 from sidecar.devstack.saas_api import DevSaasApi
 from sidecar.devstack.stack import SAAS_RESOURCE, DevStack
-from tests.conftest import AppClient, LogCapture, assert_no_secrets, running_sidecar
+from tests.conftest import (
+    AppClient,
+    LogCapture,
+    ManualClock,
+    assert_no_secrets,
+    running_sidecar,
+)
 from tests.interop.oidc_provider import OidcProvider, oidc_provider
 from tests.interop.peers import URL, credentials_seen, resource_server, served
 from tests.interop.recipes import recipe
@@ -174,12 +180,16 @@ async def test_an_unknown_resource_is_refused_with_the_providers_error(
     assert env.saas.requests == []
 
 
-async def test_x509_rotation_gets_a_new_token_from_the_provider(
+async def test_x509_rotation_keeps_the_token_and_the_renewal_authenticates_the_new_svid(
     stack: DevStack, interop: Callable[..., Any]
 ) -> None:
     env = await interop(mtls_client(stack.spiffe_id))
     overrides = env.overrides(**MTLS)
-    async with running_sidecar(stack, **overrides) as sidecar, AppClient(sidecar) as app:
+    clock = ManualClock()
+    async with (
+        running_sidecar(stack, clock=clock, **overrides) as sidecar,
+        AppClient(sidecar) as app,
+    ):
         status, _, body = await app.request("GET", URL)
         assert status == 200, body
         rotated = asyncio.Event()
@@ -188,11 +198,19 @@ async def test_x509_rotation_gets_a_new_token_from_the_provider(
         await asyncio.wait_for(rotated.wait(), 10)
         status, _, body = await app.request("GET", URL)
         assert status == 200, body
+        first, second = served(env.saas)
+        # The token is DPoP-bound, not certificate-bound: a rotation costs no token request.
+        assert second["jti"] == first["jti"]
+        clock.advance(0.85 * (first["exp"] - first["iat"]))  # past its refresh point
+        status, _, body = await app.request("GET", URL)  # starts the renewal
+        assert status == 200, body
+        await sidecar.credentials.cache.settle()
+        status, _, body = await app.request("GET", URL)
+        assert status == 200, body
 
-    # The token bound to the old certificate was dropped; the provider authenticated the new one.
+    # The renewal went over a connection presenting the new SVID, and the provider took it.
     await env.provider.wait_for_grants(2, "client_credentials")
-    first, second = served(env.saas)
-    assert first["jti"] != second["jti"]
+    assert served(env.saas)[-1]["jti"] != first["jti"]
 
 
 def from_recipe(title: str, env: Interop, **endpoint: str) -> dict[str, Any]:

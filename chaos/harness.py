@@ -125,6 +125,26 @@ def fd_count(pid: int) -> int:
     return 0
 
 
+def connections_to(pid: int, port: int) -> int:
+    """Open fds of ``pid`` that are TCP connections to ``port``: its socket inodes matched
+    against the namespace's /proc/PID/net/tcp and tcp6 (remote port, hex, field 3)."""
+    inodes: set[str] = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/net/{table}") as f:
+            next(f, None)  # the header
+            for line in f:
+                fields = line.split()
+                if len(fields) > 9 and int(fields[2].rpartition(":")[2], 16) == port:
+                    inodes.add(fields[9])
+    count = 0
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                count += target.startswith("socket:[") and target[8:-1] in inodes
+    return count
+
+
 def rss_mb(pid: int) -> float:
     with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -173,6 +193,9 @@ class SidecarProcess:
 
     def fds(self) -> int:
         return sum(fd_count(p) for p in self.pids())
+
+    def connections_to(self, port: int) -> int:
+        return sum(connections_to(p, port) for p in self.pids())
 
     def rss_mb(self) -> float:
         return max((rss_mb(p) for p in self.pids()), default=0.0)

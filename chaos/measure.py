@@ -57,6 +57,7 @@ class Result:
     rss_peak: float = 0.0
     fds_before: int = 0
     fds_after: int = 0
+    pooled_before: int = 0  # of fds_before: connections to the upstream (the route's pool)
     known: str | None = None  # the #16 defect it fails on main today (EXPECTED_FAILURES)
     measured_after: bool = False  # False: the scenario ends the process (signal, crash)
     checks: list[Check] = field(default_factory=list)
@@ -239,16 +240,33 @@ def check_recovery(
     )
 
 
-async def resource_checks(run: Run, slack: int) -> None:
+async def resource_checks(run: Run, slack: int, *, pool_apart: bool = False) -> None:
+    """fds, RSS and peak RSS against the baseline. ``pool_apart``: the upstream pool is
+    bounded on its own (at most the route's ``max_connections``: it may have grown past its
+    warm-up size under load), and every other fd must be back within ``slack``."""
     result, sidecar = run.result, run.sidecar
     result.measured_after = True
     result.fds_after = await settled_fds(sidecar, result.fds_before + slack)
     result.rss_after, result.rss_peak = sidecar.rss_mb(), sidecar.peak_rss_mb()
-    result.check(
-        f"open fds back to baseline (+{slack})",
-        result.fds_after <= result.fds_before + slack,
-        f"{result.fds_before} -> {result.fds_after}",
-    )
+    if pool_apart:
+        pooled = sidecar.connections_to(run.env.upstream.port)
+        before, after = result.fds_before - result.pooled_before, result.fds_after - pooled
+        result.check(
+            f"open fds besides the upstream pool back to baseline (+{slack})",
+            after <= before + slack,
+            f"{before} -> {after}",
+        )
+        result.check(
+            f"upstream connections <= max_connections ({run.max_connections})",
+            pooled <= run.max_connections,
+            f"{result.pooled_before} -> {pooled}",
+        )
+    else:
+        result.check(
+            f"open fds back to baseline (+{slack})",
+            result.fds_after <= result.fds_before + slack,
+            f"{result.fds_before} -> {result.fds_after}",
+        )
     growth = result.rss_after - result.rss_before
     result.check(f"RSS grew <= {RSS_GROWTH_MB:g} MB", growth <= RSS_GROWTH_MB, f"{growth:+.1f} MB")
     peak = result.rss_peak - result.rss_before

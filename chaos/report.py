@@ -75,8 +75,10 @@ stack and sidecar, warms it with one second of load, then reads the baseline.
   `total_timeout` or `connect_timeout`, as the scenario says) of the fault's end;
 - at most {k} token requests per key in any {window:g} s;
 - open fds back to the baseline plus the route's `max_connections` plus {fd_slack} (pooled
-  upstream connections may stay open); VmRSS grew at most {growth:g} MB, peak at most
-  {peak:g} MB above the baseline.
+  upstream connections may stay open; reload churn bounds the upstream connections by
+  `max_connections` and every other fd by the baseline plus {fd_slack}, so that a leak that
+  grows with the reloads shows apart from a pool grown under load); VmRSS grew at most
+  {growth:g} MB, peak at most {peak:g} MB above the baseline.
 
 ## Known failing
 

@@ -36,22 +36,11 @@ from chaos.measure import (
 )
 
 # Scenario -> the issue #16 defect that makes it fail on main today. One list; flip by deleting.
-EXPECTED_FAILURES: dict[str, str] = {
-    # Fails most runs on main, worse on a loaded machine: RSS still grows with the number of
-    # reloads (last half of the swaps: +0.1 to +32 MB across runs), fds stay behind (27 -> 38),
-    # and in one run 3,433 requests got 504 "connecting to the origin took too long" while the
-    # swaps went on (a route on system CAs; none without it). Since TLS contexts are carried over
-    # reloads when their CA file did not change (pooled connections survive), it passed the
-    # runs after; kept listed until it has passed on loaded machines too.
-    "reload_churn": "16.2",
-    # The expired SVID is no longer presented (fixed in de45196), but once the agent is back the
-    # X.509 stream reconnects on its backoff (0.5 s doubling, to 30 s): ~8 s +-20 % after a 12 s
-    # outage, at times beyond 3 AS timeouts. A short schedule while the SVID is unusable (as
-    # #16.5 does for tokens) would keep it within. Since reconnects back off to 2 s at most
-    # while no usable SVID is held, it recovered in 5 s; kept listed until that holds on
-    # loaded machines too (the bound is 6 s).
-    "svid_expiry": "16.3",
-}
+# Empty since 2026-12-02: reload_churn's fds were the upstream pool grown under load (now
+# bounded apart: at most max_connections, every other fd back to the baseline), and
+# svid_expiry recovers within 1-3.5 s (bound 6 s) since the Workload API reconnect bound, with
+# at most one token request per key per second since rotations no longer refetch tokens.
+EXPECTED_FAILURES: dict[str, str] = {}
 
 # -- scenarios ------------------------------------------------------------------------------------
 
@@ -336,7 +325,8 @@ async def reload_churn(run: Run, scale: float) -> None:
     summarise(run, answers, ())
     result = run.result
     result.check("every swap was applied or rejected", counts["missed"] == 0, counts)
-    await resource_checks(run, FD_SLACK)  # the current config's pool was warm at the baseline
+    # A leak would grow with the number of reloads; the pool may only grow to its bound.
+    await resource_checks(run, FD_SLACK, pool_apart=True)
     # Memory after N reloads is the current config's: the second half of the swaps adds nothing
     # (the first half may still warm allocator arenas).
     late = result.rss_after - halfway[0]
@@ -571,6 +561,7 @@ async def run_scenario(scenario: Scenario, work: Path, *, scale: float = 1.0) ->
                 run.max_connections = int(doc["destinations"][0]["max_connections"])
                 run.reload_docs, run.config_map = docs, config_map
                 result.fds_before = sidecar.fds()
+                result.pooled_before = sidecar.connections_to(env.upstream.port)
                 result.rss_before = sidecar.rss_mb()
                 await scenario.body(run, scale)
     except Exception as exc:  # a scenario that cannot run is a failed scenario, reported

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from chaos.faults import Fault, FaultProxy
-from chaos.harness import metric_value
+from chaos.harness import connections_to, metric_value
 from chaos.load import CLOSED, TIMEOUT, Answer, recovery
 from chaos.measure import Result, token_window_max
 from chaos.report import render
@@ -122,6 +124,19 @@ async def test_trickle_answers_byte_by_byte_and_garbage_replaces_the_answer(
 
 def _answer(sent: float, status: int, kind: str | None = None) -> Answer:
     return Answer(sent, sent + 0.1, status, kind or str(status))
+
+
+def test_connections_to_counts_this_process_sockets_to_one_port() -> None:
+    """What reload churn bounds the upstream pool by: real loopback sockets, told by port."""
+    with contextlib.ExitStack() as stack:
+        listeners = [stack.enter_context(socket.create_server(("127.0.0.1", 0))) for _ in "ab"]
+        ports = [s.getsockname()[1] for s in listeners]
+        for port, n in zip(ports, (3, 1), strict=True):
+            for _ in range(n):
+                stack.enter_context(socket.create_connection(("127.0.0.1", port)))
+        assert connections_to(os.getpid(), ports[0]) == 3
+        assert connections_to(os.getpid(), ports[1]) == 1
+    assert connections_to(os.getpid(), ports[0]) == 0  # closed
 
 
 def test_recovery_is_the_last_failure_not_the_first_success() -> None:

@@ -930,7 +930,11 @@ def main(argv: list[str] | None = None) -> int:
         help="apt-get install nginx-light and wrk if missing (default: when root)",
     )
     args = parser.parse_args(argv)
-    table = asyncio.run(bench(args))
+    # The stdlib loop, whatever the policy (`sidecar.cli` installs uvloop's, and the suite runs
+    # this in-process): its subprocesses start with vfork + exec. uvloop forks, and a child
+    # forked beside the dev stack's gRPC threads crashed before its exec now and then.
+    with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+        table = runner.run(bench(args))
     print()
     print(table)
     print(f"written to {args.results / 'latest.md'}")

@@ -14,12 +14,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import resource
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -206,15 +205,13 @@ class SidecarProcess:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def _limit(self) -> Callable[[], None] | None:
-        nofile = self.nofile
-        if nofile is None:
-            return None
-
-        def apply() -> None:  # in the child, before exec: the sidecar starts with a low limit
-            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-
-        return apply
+    def _limited(self, command: list[str]) -> list[str]:
+        """``command`` with the scenario's RLIMIT_NOFILE, set by a shell that then execs it
+        (same pid): no Python runs between fork and exec in this process, which hosts the dev
+        stack's gRPC threads (a ``preexec_fn`` forces fork() and runs Python in the child)."""
+        if self.nofile is None:
+            return command
+        return ["/bin/sh", "-c", 'ulimit -n "$0" && exec "$@"', str(self.nofile), *command]
 
     async def __aenter__(self) -> SidecarProcess:
         if not self.config_path.is_symlink():
@@ -224,7 +221,7 @@ class SidecarProcess:
             "--grace", str(self.grace), "--workers", str(self.workers),
         ]  # fmt: skip
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(command, stderr=log, cwd=ROOT, preexec_fn=self._limit())
+            self.process = subprocess.Popen(self._limited(command), stderr=log, cwd=ROOT)
         try:
             await self.wait_ready(30.0)
         except BaseException:

@@ -10,11 +10,14 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
 
 from sidecar import __version__, config
 from sidecar.errors import ConfigError, ProxyError
 from sidecar.ops import logs
+
+T = TypeVar("T")
 
 log = logging.getLogger("sidecar")
 
@@ -121,11 +124,16 @@ def _load(path: str | None) -> config.Config | None:
         return None
 
 
-def _install_uvloop() -> None:
-    with contextlib.suppress(ImportError):
+def _on_uvloop(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on uvloop when it is installed (the stdlib loop otherwise), without
+    touching the process's event loop policy: a caller in the same process (the test suite,
+    an embedding program) keeps the loop it chose for what it runs next."""
+    try:
         import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -135,8 +143,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.configure(cfg.log_level, cfg.log_format, audit=cfg.audit)
     if args.workers > 1 and not args.worker:
         return _supervise(args, cfg)
-    _install_uvloop()
-    return asyncio.run(_serve(cfg, args.grace, reuse_port=args.worker, report_fd=args.report_fd))
+    return _on_uvloop(_serve(cfg, args.grace, reuse_port=args.worker, report_fd=args.report_fd))
 
 
 def _supervise(args: argparse.Namespace, cfg: config.Config) -> int:
@@ -195,8 +202,7 @@ async def _serve(
 def cmd_demo(args: argparse.Namespace) -> int:
     from sidecar.devstack.demo import run_demo
 
-    _install_uvloop()
-    code: int = asyncio.run(run_demo(serve=args.serve))
+    code: int = _on_uvloop(run_demo(serve=args.serve))
     return code
 
 
@@ -264,9 +270,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         return 1
     print(text)
     if args.fetch:
-        _install_uvloop()
         try:
-            print(asyncio.run(fetch_and_describe(cfg, resolved)))
+            print(_on_uvloop(fetch_and_describe(cfg, resolved)))
         except ProxyError as exc:
             print(f"token request failed: {exc.code}: {exc.detail}", file=sys.stderr)
             return 1

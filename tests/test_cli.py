@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 import yaml
 
+from sidecar import cli
 from sidecar.cli import main
 from sidecar.devstack.stack import SAAS_HOST, DevStack
 
@@ -384,3 +385,16 @@ async def test_check_warns_when_a_default_scope_covers_writes(
     path = write_config(stack, tmp_path / "good.yaml")
     assert main(["check", "--config", str(path)]) == 0
     assert "warning" not in capsys.readouterr().out  # the dev config has a rule for writes
+
+
+def test_commands_run_on_uvloop_and_leave_the_event_loop_policy_alone() -> None:
+    """`run`, `demo` and `explain --fetch` use uvloop; a global policy would leak into what
+    the same process runs next (the suite's in-process harnesses spawn with the stdlib loop's
+    vfork: uvloop forks, and runs Python at-fork hooks in the child)."""
+    before = asyncio.get_event_loop_policy()
+
+    async def running_loop() -> str:
+        return type(asyncio.get_running_loop()).__module__
+
+    assert cli._on_uvloop(running_loop()).startswith("uvloop")
+    assert asyncio.get_event_loop_policy() is before

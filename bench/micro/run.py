@@ -162,7 +162,6 @@ def bench_cache(seconds: float) -> list[tuple[str, float]]:
         audience=None,
         scopes=("read",),
         jkt="thumbprint",
-        x509=None,
     )
     token = AccessToken(Secret(TOKEN), "DPoP", 900.0, 4600.0, ("read",))
 

@@ -52,11 +52,11 @@ class Credentials:
         # object, so a reloaded config never reuses an old route's.
         self._files = SecretFiles(observe)
         self._per_route: dict[int, tuple[Route, Credential[Any]]] = {}
-        # (route, scopes, identity) -> (route, key, fetch); the route object itself is kept
+        # (route, scopes, SPIFFE ID) -> (route, key, fetch); the route object itself is kept
         # and compared, so a reloaded config (new Route objects) can never be served a key
         # built for the old one.
         self._keys: dict[
-            tuple[int, tuple[str, ...], str | None, str | None],
+            tuple[int, tuple[str, ...], str],
             tuple[Route, TokenKey, Fetch],
         ] = {}
 

@@ -17,7 +17,13 @@ import pytest
 
 from sidecar.devstack.stack import SPIFFE_ID, DevStack
 from sidecar.runtime import Sidecar
-from tests.conftest import AppClient, LogCapture, assert_no_secrets, running_sidecar
+from tests.conftest import (
+    AppClient,
+    LogCapture,
+    ManualClock,
+    assert_no_secrets,
+    running_sidecar,
+)
 from tests.interop.peers import URL
 from tests.interop.spire.spire import Spire, spire
 
@@ -71,7 +77,11 @@ async def test_x509_svid_from_spire_for_mtls_and_its_rotation(
     stack: DevStack, agent: Spire
 ) -> None:
     settings = on_spire(agent, client_auth="mtls")
-    async with running_sidecar(stack, **settings) as sidecar, AppClient(sidecar) as app:
+    clock = ManualClock()  # token lifetimes only: SVID validity is read on the wall clock
+    async with (
+        running_sidecar(stack, clock=clock, **settings) as sidecar,
+        AppClient(sidecar) as app,
+    ):
         rotated = rotations(sidecar)
         status, _, body = await app.request("GET", URL)
         assert status == 200, body
@@ -82,9 +92,15 @@ async def test_x509_svid_from_spire_for_mtls_and_its_rotation(
         assert new != first.fingerprint
         status, _, body = await app.request("GET", URL)
         assert status == 200, body
+        # A rotation costs no token request (tokens are DPoP-bound, not certificate-bound).
+        assert len([r for r in stack.auth_server.token_requests if r.status == 200]) == 1
+        clock.advance(250)  # past the refresh point of a 300 s token: the next renewal
+        status, _, body = await app.request("GET", URL)
+        assert status == 200, body
+        await sidecar.credentials.cache.settle()
     records = [r for r in stack.auth_server.token_requests if r.status == 200]
     assert [r.auth_method for r in records] == ["tls_client_auth"] * 2
-    # The second token was asked for with the rotated certificate, not the first one.
+    # The renewal was asked for with the rotated certificate, not the first one.
     assert [r.client_cert_sha256 for r in records] == [first.fingerprint, new]
 
 
